@@ -1,1 +1,34 @@
-"""attention package."""
+"""Attention backends behind one interface, chosen by name.
+
+`create_attention_backend(name, ...)` imports lazily so that GPU-only backends never load on a
+machine without them; an unknown name fails with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+
+def _torch_native():
+    from radixlm.attention.torch_native import TorchNativeAttnBackend
+    return TorchNativeAttnBackend
+
+
+_REGISTRY: Dict[str, Callable[[], type]] = {"torch_native": _torch_native}
+
+
+def available_backends():
+    return sorted(_REGISTRY) + ["auto"]
+
+
+def resolve_backend_name(name: str, device: str) -> str:
+    if name == "auto":
+        return "triton" if (str(device).startswith("cuda") and "triton" in _REGISTRY) else "torch_native"
+    return name
+
+
+def create_attention_backend(name: str, device: str, **kwargs):
+    name = resolve_backend_name(name, device)
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown attention backend {name!r}. Valid: {', '.join(available_backends())}")
+    return _REGISTRY[name]()(**kwargs)

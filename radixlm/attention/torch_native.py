@@ -1,0 +1,67 @@
+"""torch_native attention: the reference backend, plain PyTorch SDPA over the paged KV pool.
+
+Works on CPU and CUDA. Extend loops over requests (each attends to its cached prefix plus its own
+new tokens, causally); decode gathers every request's slots into one padded batch with a length
+mask. Other backends are tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from radixlm.attention.base import AttentionBackend
+from radixlm.forward_context import ForwardBatch
+
+
+class TorchNativeAttnBackend(AttentionBackend):
+    def __init__(self, **_unused):
+        self._decode_idx = None
+        self._decode_mask = None
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        if fb.forward_mode.is_decode:
+            max_len = fb.max_seq_len
+            table = fb.req_to_token_pool.req_to_token
+            self._decode_idx = table[fb.req_pool_indices, :max_len]
+            ar = torch.arange(max_len, device=fb.seq_lens.device)
+            self._decode_mask = (ar[None, :] < fb.seq_lens[:, None])[:, None, None, :]
+
+    def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        pool = fb.token_to_kv_pool
+        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
+                           v.view(-1, layer.num_kv_heads, layer.head_dim))
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        table = fb.req_to_token_pool.req_to_token
+        q = q.view(-1, layer.num_heads, layer.head_dim)
+        out = torch.empty_like(q)
+        start = 0
+        for i in range(fb.batch_size):
+            ext, pre, seq = fb.extend_seq_lens_cpu[i], fb.extend_prefix_lens_cpu[i], fb.seq_lens_cpu[i]
+            slots = table[fb.req_pool_indices[i], :seq]
+            qi = q[start:start + ext].transpose(0, 1).unsqueeze(0)  # [1, Hq, E, D]
+            ki = k_buf[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hk, S, D]
+            vi = v_buf[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            if pre == 0:
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling,
+                                                   enable_gqa=True)
+            else:
+                rows = torch.arange(ext, device=q.device)[:, None] + pre
+                mask = torch.arange(seq, device=q.device)[None, :] <= rows
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scaling,
+                                                   enable_gqa=True)
+            out[start:start + ext] = o.squeeze(0).transpose(0, 1)
+            start += ext
+        return out.reshape(-1, layer.num_heads * layer.head_dim)
+
+    def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        pool = fb.token_to_kv_pool
+        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc, k.view(-1, layer.num_kv_heads, layer.head_dim),
+                           v.view(-1, layer.num_kv_heads, layer.head_dim))
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        keys = k_buf[self._decode_idx].transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
+        vals = v_buf[self._decode_idx].transpose(1, 2).to(q.dtype)
+        qb = q.view(-1, layer.num_heads, 1, layer.head_dim)
+        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=self._decode_mask, scale=layer.scaling,
+                                           enable_gqa=True)
+        return o.reshape(-1, layer.num_heads * layer.head_dim)

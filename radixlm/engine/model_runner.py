@@ -1,0 +1,128 @@
+"""ModelRunner: owns the model, the KV memory, the attention backend and the sampler.
+
+In: a `ScheduleBatch` from the scheduler. Out: next-token ids (and logprobs) for the requests that
+sample this step. It builds the step's `ForwardBatch` once, runs the model inside
+`forward_context`, computes logits only at each request's last position and samples. It sizes the
+KV pool at start-up (`max_total_tokens`, or `mem_fraction_static` of device memory on CUDA).
+It never decides which requests run: that is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from radixlm.attention import create_attention_backend
+from radixlm.core import ScheduleBatch
+from radixlm.engine.sampler import SampleOutput, Sampler
+from radixlm.forward_context import ForwardBatch, forward_context
+from radixlm.mem.allocator import TokenToKVPoolAllocator
+from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
+from radixlm.models.loader import load_model
+from radixlm.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_BUDGET_BYTES = 2 << 30  # default KV budget on CPU when max_total_tokens is not given
+
+
+@dataclass
+class RunnerConfig:
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    load_format: str = "auto"
+    max_total_tokens: Optional[int] = None
+    mem_fraction_static: float = 0.88
+    max_running_requests: int = 256
+    page_size: int = 1
+    random_seed: int = 0
+    show_progress: bool = False
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig):
+        self.model_config = model_config
+        self.cfg = cfg
+        self.device = cfg.device
+        torch.manual_seed(cfg.random_seed)
+        self.model = load_model(model_config, cfg.device, cfg.load_format, cfg.random_seed, cfg.show_progress)
+        self.max_total_num_tokens = self._kv_capacity()
+        self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, cfg.page_size, device=cfg.device)
+        self.token_to_kv_pool = MHATokenToKVPool(
+            self.allocator.num_slots_total, model_config.num_layers, model_config.num_kv_heads,
+            model_config.head_dim, model_config.dtype, cfg.device)
+        self.req_to_token_pool = ReqToTokenPool(cfg.max_running_requests + 1, model_config.context_len + 1,
+                                                cfg.device)
+        self.attn_backend = create_attention_backend(cfg.attention_backend, cfg.device)
+        self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
+
+    # ------------------------------------------------------------------ set-up
+    def _kv_capacity(self) -> int:
+        mc = self.model_config
+        per_token = MHATokenToKVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype)
+        if self.cfg.max_total_tokens is not None:
+            if self.cfg.max_total_tokens < self.cfg.page_size:
+                raise ValueError("max_total_tokens must hold at least one page")
+            return self.cfg.max_total_tokens
+        if str(self.device).startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free  # weights and everything else allocated so far
+            budget = total * self.cfg.mem_fraction_static - used
+            if budget <= per_token * 16:
+                raise RuntimeError(f"mem_fraction_static={self.cfg.mem_fraction_static} leaves no room for the KV "
+                                   f"cache after the weights ({used / 2**30:.1f} GiB used of {total / 2**30:.1f}). "
+                                   "Raise --mem-fraction-static.")
+            return int(budget // per_token)
+        return int(min(CPU_KV_BUDGET_BYTES // per_token, max(mc.context_len * 16, 32768)))
+
+    # ------------------------------------------------------------------ one step
+    def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+        dev = self.device
+        positions, seq_lens = [], []
+        for pre, ext in zip(batch.prefix_lens, batch.extend_lens):
+            positions.extend(range(pre, pre + ext))
+            seq_lens.append(pre + ext)
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        return ForwardBatch(
+            forward_mode=batch.forward_mode,
+            input_ids=t(batch.input_ids),
+            positions=t(positions),
+            out_cache_loc=batch.out_cache_loc.to(dev),
+            req_pool_indices=t([r.req_pool_idx for r in batch.reqs]),
+            seq_lens=t(seq_lens),
+            extend_prefix_lens=t(batch.prefix_lens),
+            extend_seq_lens=t(batch.extend_lens),
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=list(batch.prefix_lens),
+            extend_seq_lens_cpu=list(batch.extend_lens),
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.token_to_kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduleBatch) -> torch.Tensor:
+        """Runs the model; returns logits at every request's last new token: [B, vocab]."""
+        fb = self.build_forward_batch(batch)
+        self.attn_backend.init_forward_metadata(fb)
+        with forward_context(fb):
+            hidden = self.model(fb.input_ids, fb.positions)
+        last = torch.cumsum(fb.extend_seq_lens, 0) - 1
+        return self.model.compute_logits(hidden[last])
+
+    @torch.inference_mode()
+    def forward_and_sample(self, batch: ScheduleBatch) -> SampleOutput:
+        logits = self.forward(batch)
+        rows = [i for i, s in enumerate(batch.sample) if s]
+        if not rows:
+            return SampleOutput(next_token_ids=[])
+        reqs = [batch.reqs[i] for i in rows]
+        if len(rows) != batch.batch_size:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return self.sampler(logits, reqs)

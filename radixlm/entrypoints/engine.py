@@ -1,0 +1,389 @@
+"""Engine: the offline, in-process entry point.
+
+    eng = radixlm.Engine(model_path="dir")
+    eng.generate(prompt=["Hello"], sampling_params={"temperature": 0, "max_new_tokens": 32})
+
+Owns the tokenizer, the scheduler (with its model runner) and one background thread that runs
+the scheduler loop, so that several callers (threads, asyncio tasks, streams) share one
+continuously batched engine. Input is validated here, before anything is scheduled: a bad request
+raises ValueError naming the field and never disturbs requests already in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Union
+
+import torch
+
+from radixlm.core import Req, ReqOutput, SamplingParams
+from radixlm.engine.model_runner import ModelRunner, RunnerConfig
+from radixlm.managers.detokenizer import IncrementalDetokenizer
+from radixlm.managers.tokenizer import get_tokenizer
+from radixlm.models.model_config import ModelConfig
+from radixlm.sched.scheduler import Scheduler, SchedulerConfig
+from radixlm.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[Union[ReqOutput, BaseException]], None]
+
+
+@dataclass
+class _Pending:
+    """Client-side state of one request: where its outputs go and how its text is built."""
+
+    req: Req
+    detok: Optional[IncrementalDetokenizer]
+    created: float = field(default_factory=time.perf_counter)
+    output_ids: List[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: List[Any] = field(default_factory=list)
+    top_logprobs: List[Any] = field(default_factory=list)
+    last: Optional[ReqOutput] = None
+
+
+class EngineLoop:
+    """The scheduler's thread: takes new requests and aborts from an inbox, steps the scheduler
+    while there is work, and hands each ReqOutput to the sink registered for its request."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.inbox: "queue.Queue[tuple]" = queue.Queue()
+        self.sinks: Dict[str, Sink] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="radixlm-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, reqs: List[Req], sink: Sink) -> None:
+        self.inbox.put(("add", reqs, sink))
+
+    def abort(self, rid: str) -> None:
+        self.inbox.put(("abort", rid, None))
+
+    def call(self, fn: Callable[[Scheduler], Any]) -> Any:
+        """Runs fn(scheduler) on the scheduler thread between steps and returns its result."""
+        done: "queue.Queue" = queue.Queue()
+        self.inbox.put(("call", fn, done.put))
+        result = done.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("stop", None, None))
+        self.thread.join(timeout=30)
+
+    def _handle(self, msg: tuple) -> None:
+        kind, payload, sink = msg
+        if kind == "add":
+            for req in payload:
+                try:
+                    self.scheduler.add_request(req)
+                    self.sinks[req.rid] = sink
+                except ValueError as e:
+                    sink(e)
+        elif kind == "abort":
+            for out in self.scheduler.abort_request(payload):
+                self._deliver(out)
+        elif kind == "call":
+            try:
+                sink(payload(self.scheduler))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                sink(e)
+
+    def _deliver(self, out: ReqOutput) -> None:
+        sink = self.sinks.get(out.rid)
+        if out.finished_reason is not None:
+            self.sinks.pop(out.rid, None)
+        if sink is not None:
+            sink(out)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                block = not self.scheduler.has_work()
+                while True:
+                    msg = self.inbox.get(block=block)
+                    if msg[0] == "stop":
+                        return
+                    self._handle(msg)
+                    block = False
+            except queue.Empty:
+                pass
+            if not self.scheduler.has_work():
+                continue
+            try:
+                for out in self.scheduler.step():
+                    self._deliver(out)
+            except Exception as e:  # a bug or device error: fail every request in flight, stay up
+                logger.exception("scheduler step failed; aborting the requests in flight")
+                for rid in [r.rid for r in self.scheduler._live_reqs() + list(self.scheduler.waiting)]:
+                    self.scheduler.abort_request(rid)
+                sinks, self.sinks = self.sinks, {}
+                for sink in set(sinks.values()):
+                    sink(RuntimeError(f"engine step failed: {e}"))
+
+
+class Engine:
+    def __init__(self, model_path: Optional[str] = None, **kwargs):
+        self.server_args = ServerArgs(model_path=model_path, **kwargs)
+        args = self.server_args
+        logging.getLogger("radixlm").setLevel(args.log_level.upper())
+        device = args.resolved_device
+        self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
+        self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
+                                                                             args.trust_remote_code)
+        max_running = args.max_running_requests or 256
+        self.runner = ModelRunner(self.model_config, RunnerConfig(
+            device=device, attention_backend=args.attention_backend, load_format=args.load_format,
+            max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+            max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed))
+        decode_tail = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
+        self.scheduler = Scheduler(self.runner, SchedulerConfig(
+            schedule_policy=args.schedule_policy, max_running_requests=max_running,
+            max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
+            schedule_conservativeness=args.schedule_conservativeness,
+            disable_radix_cache=args.disable_radix_cache, random_seed=args.random_seed),
+            self.model_config.context_len, decode_tail)
+        self.loop = EngineLoop(self.scheduler)
+        self._rid_counter = itertools.count()
+        logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
+                    self.scheduler.max_total_num_tokens, device, args.attention_backend)
+
+    # ------------------------------------------------------------------ request building
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid
+                 ) -> tuple:
+        """Validates one call; returns (list of per-prompt Req lists (n each), batched?)."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("exactly one of prompt or input_ids must be given")
+        batched = isinstance(prompt, list) if prompt is not None else (
+            isinstance(input_ids, list) and len(input_ids) > 0 and isinstance(input_ids[0], list))
+        if prompt is not None:
+            prompts = prompt if batched else [prompt]
+            if batched and not prompts:
+                raise ValueError("prompt: the batch is empty")
+            for p in prompts:
+                if not isinstance(p, str):
+                    raise ValueError(f"prompt must be a string or a list of strings, got {type(p).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("prompt: text input needs a tokenizer (skip_tokenizer_init is set); pass input_ids")
+            ids_list = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            ids_list = input_ids if batched else [input_ids]
+        n_prompts = len(ids_list)
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n_prompts
+        if len(sps) != n_prompts:
+            raise ValueError(f"sampling_params: got {len(sps)} for {n_prompts} prompts")
+        rids = rid if isinstance(rid, list) else [rid] * n_prompts
+        if len(rids) != n_prompts:
+            raise ValueError(f"rid: got {len(rids)} for {n_prompts} prompts")
+        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+            raise ValueError("top_logprobs_num must be a non-negative integer")
+        groups = []
+        for ids, sp_dict, r in zip(ids_list, sps, rids):
+            sp = SamplingParams.from_dict(sp_dict)
+            ids = self._validate_ids(ids, sp)
+            base = r if r is not None else uuid.uuid4().hex
+            group = []
+            for i in range(sp.n):
+                req = Req(base if sp.n == 1 else f"{base}-{i}", list(ids), sp, bool(return_logprob),
+                          top_logprobs_num)
+                if sp.sampling_seed is not None:
+                    req.generator = torch.Generator(device="cpu").manual_seed(sp.sampling_seed + i)
+                group.append(req)
+            groups.append(group)
+        return groups, batched
+
+    def _validate_ids(self, ids, sp: SamplingParams) -> List[int]:
+        vocab = self.model_config.vocab_size
+        ctx = self.model_config.context_len
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("input_ids must be a list of integers (or a list of such lists)")
+        if len(ids) == 0:
+            raise ValueError("prompt: the input is empty")
+        bad = [t for t in ids if not (0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= ctx:
+            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({ctx} tokens).")
+        sp.verify(vocab)
+        if sp.max_new_tokens is None:
+            sp.max_new_tokens = ctx - len(ids)
+        elif len(ids) + sp.max_new_tokens > ctx:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
+                f"total of {len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input and "
+                f"{sp.max_new_tokens} tokens for the completion (max_new_tokens). Please reduce the number of tokens "
+                "in the input or the completion.")
+        return list(ids)
+
+    def _pending(self, req: Req) -> _Pending:
+        detok = IncrementalDetokenizer(self.tokenizer, req.sampling_params) if self.tokenizer is not None else None
+        return _Pending(req, detok)
+
+    def _absorb(self, p: _Pending, out: ReqOutput) -> str:
+        """Folds one ReqOutput into the request's client state; returns the new text."""
+        p.output_ids.extend(out.new_token_ids)
+        p.last = out
+        if out.new_logprobs:
+            p.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
+            p.top_logprobs.extend(out.new_top_logprobs or [])
+        delta = p.detok.add(out.new_token_ids, out.finished_reason) if p.detok is not None else ""
+        p.text += delta
+        return delta
+
+    def _result(self, p: _Pending, text: Optional[str] = None) -> Dict[str, Any]:
+        out = p.last
+        meta: Dict[str, Any] = {
+            "id": p.req.rid,
+            "prompt_tokens": len(p.req.origin_input_ids),
+            "completion_tokens": len(p.output_ids),
+            "cached_tokens": out.cached_tokens if out else 0,
+            "finish_reason": out.finished_reason.to_json() if out and out.finished_reason else None,
+            "e2e_latency": time.perf_counter() - p.created,
+        }
+        if out is not None and out.num_retractions:
+            meta["num_retractions"] = out.num_retractions
+        if p.req.return_logprob:
+            meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in p.logprobs]
+            meta["output_top_logprobs"] = [[(v, t, None) for v, t in tops] for tops in p.top_logprobs]
+        return {"text": p.text if text is None else text, "output_ids": list(p.output_ids), "meta_info": meta}
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, stream: bool = False, rid=None):
+        """Generates for one prompt (returns a dict) or a batch (a list, n outputs per prompt).
+
+        With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
+        hold only what is new, with "index" saying which output they belong to."""
+        groups, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
+        reqs = [r for g in groups for r in g]
+        pend = {r.rid: self._pending(r) for r in reqs}
+        if len(pend) != len(reqs):
+            raise ValueError("rid: request ids must be unique")
+        q: "queue.Queue" = queue.Queue()
+        self.loop.submit(reqs, q.put)
+        if stream:
+            return self._stream(q, reqs, pend)
+        finished = 0
+        error: Optional[BaseException] = None
+        while finished < len(reqs):
+            item = q.get()
+            if isinstance(item, BaseException):
+                error = item
+                finished += 1
+                continue
+            self._absorb(pend[item.rid], item)
+            finished += item.finished_reason is not None
+        if error is not None:
+            raise error
+        results = [self._result(pend[r.rid]) for r in reqs]
+        return results if batched or len(results) > 1 else results[0]
+
+    def _stream(self, q: "queue.Queue", reqs: List[Req], pend: Dict[str, _Pending]) -> Iterator[Dict[str, Any]]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        left = len(reqs)
+        try:
+            while left:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                p = pend[item.rid]
+                delta = self._absorb(p, item)
+                left -= item.finished_reason is not None
+                chunk = self._result(p, text=delta)
+                chunk["output_ids"] = list(item.new_token_ids)
+                chunk["index"] = index[item.rid]
+                yield chunk
+        finally:
+            if left:  # the consumer stopped early: free what the requests hold
+                for r in reqs:
+                    self.loop.abort(r.rid)
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
+                             return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
+                             rid=None):
+        """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
+        groups, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
+        reqs = [r for g in groups for r in g]
+        pend = {r.rid: self._pending(r) for r in reqs}
+        aloop = asyncio.get_running_loop()
+        aq: "asyncio.Queue" = asyncio.Queue()
+        self.loop.submit(reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
+        if stream:
+            return self._astream(aq, reqs, pend)
+        left = len(reqs)
+        while left:
+            item = await aq.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._absorb(pend[item.rid], item)
+            left -= item.finished_reason is not None
+        results = [self._result(pend[r.rid]) for r in reqs]
+        return results if batched or len(results) > 1 else results[0]
+
+    async def _astream(self, aq: "asyncio.Queue", reqs: List[Req], pend: Dict[str, _Pending]
+                       ) -> AsyncIterator[Dict[str, Any]]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        left = len(reqs)
+        try:
+            while left:
+                item = await aq.get()
+                if isinstance(item, BaseException):
+                    raise item
+                p = pend[item.rid]
+                delta = self._absorb(p, item)
+                left -= item.finished_reason is not None
+                chunk = self._result(p, text=delta)
+                chunk["output_ids"] = list(item.new_token_ids)
+                chunk["index"] = index[item.rid]
+                yield chunk
+        finally:
+            if left:
+                for r in reqs:
+                    self.loop.abort(r.rid)
+
+    def abort_request(self, rid: str) -> None:
+        self.loop.abort(rid)
+
+    def flush_cache(self) -> bool:
+        return self.loop.call(lambda s: s.flush_cache())
+
+    def get_server_info(self) -> Dict[str, Any]:
+        def info(s: Scheduler) -> Dict[str, Any]:
+            return {
+                "max_total_num_tokens": s.max_total_num_tokens,
+                "num_running_reqs": len(s.running) + (1 if s.chunked_req else 0),
+                "num_queue_reqs": len(s.waiting),
+                "token_usage": s.token_usage(),
+                "cache_hit_rate": s.stats.cache_hit_rate,
+                "prefill_cached_tokens": s.stats.prefill_cached_tokens,
+                "prefill_new_tokens": s.stats.prefill_new_tokens,
+                "num_retractions": s.stats.num_retractions,
+                "generated_tokens": s.stats.generated_tokens,
+                "free_kv_tokens": s.allocator.available_size(),
+                "evictable_kv_tokens": s.tree_cache.evictable_size(),
+            }
+        return self.loop.call(info)
+
+    def check_integrity(self) -> None:
+        self.loop.call(lambda s: s.check_integrity())
+
+    def shutdown(self) -> None:
+        if self.loop.thread.is_alive():
+            self.loop.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

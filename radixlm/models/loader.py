@@ -1,0 +1,81 @@
+"""Builds a model from a ModelConfig: constructs it in the target dtype on the target device and
+fills it from the checkpoint's safetensors (single file or sharded with an index), or with seeded
+random values for `load_format="dummy"` (real shapes, no weight file read).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+from radixlm.models import get_model_class
+from radixlm.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def safetensors_files(model_path: str) -> List[str]:
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_path, n) for n in names]
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_path!r} (use load_format='dummy' for random weights)")
+    return files
+
+
+def iterate_weights(model_path: str, show_progress: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = safetensors_files(model_path)
+    it = files
+    if show_progress:
+        from tqdm import tqdm
+        it = tqdm(files, desc="Loading safetensors shards", unit="shard")
+    for path in it:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+            continue
+        t = torch.empty(p.shape, dtype=torch.float32).uniform_(low, high, generator=gen)
+        p.data.copy_(t)
+
+
+def load_model(cfg: ModelConfig, device: str, load_format: str = "auto", seed: int = 0,
+               show_progress: bool = False) -> nn.Module:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported. Valid: {', '.join(LOAD_FORMATS)}")
+    cls = get_model_class(cfg.architecture)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        loaded = model.load_weights((n, t.to(cfg.dtype)) for n, t in iterate_weights(cfg.model_path, show_progress))
+        expected = {n for n, _ in model.named_parameters()}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint {cfg.model_path!r} lacks weights for: {', '.join(missing[:8])}")
+    return model.eval()

@@ -1,0 +1,112 @@
+"""ModelConfig: the facts about a checkpoint that the engine needs, read from its config.json
+(and generation_config.json) without importing transformers.
+
+Owns architecture name, shapes, rope settings, dtype, context length and EOS ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported. Valid: auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+@dataclass
+class ModelConfig:
+    model_path: str
+    architecture: str
+    hf_config: Dict[str, Any]
+    dtype: torch.dtype
+    context_len: int
+    eos_token_ids: List[int] = field(default_factory=list)
+
+    @classmethod
+    def from_path(cls, model_path: str, dtype: str = "auto", context_length: Optional[int] = None,
+                  overrides: Optional[Dict[str, Any]] = None) -> "ModelConfig":
+        path = os.path.join(model_path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model_path {model_path!r} has no config.json (radixlm loads local HF directories)")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg.update(overrides or {})
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}: 'architectures' is missing")
+        if dtype == "auto":
+            name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+            torch_dtype = parse_dtype(name)
+            if torch_dtype == torch.float32 and torch.cuda.is_available():
+                torch_dtype = torch.bfloat16
+        else:
+            torch_dtype = parse_dtype(dtype)
+        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        if context_length is not None:
+            if context_length < 1:
+                raise ValueError("context_length must be at least 1")
+            max_pos = context_length
+        eos = cfg.get("eos_token_id")
+        gen_path = os.path.join(model_path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                gen_eos = json.load(f).get("eos_token_id")
+            eos = gen_eos if gen_eos is not None else eos
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(model_path, archs[0], cfg, torch_dtype, max_pos, eos_ids)
+
+    # ------------------------------------------------------------------ shapes
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.hf_config.get(key, default)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config["hidden_size"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config["num_hidden_layers"]
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config["num_attention_heads"]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.hf_config.get("num_key_value_heads") or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hf_config.get("head_dim") or self.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config["vocab_size"]
+
+    @property
+    def rope_theta(self) -> float:
+        rp = self.hf_config.get("rope_parameters") or {}
+        return float(self.hf_config.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+
+    @property
+    def rope_scaling(self) -> Optional[Dict[str, Any]]:
+        rs = self.hf_config.get("rope_scaling") or self.hf_config.get("rope_parameters")
+        if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
+            return None
+        return rs
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.hf_config.get("tie_word_embeddings", False))

@@ -1,0 +1,454 @@
+"""Scheduler: continuous batching over the radix cache and the KV pool.
+
+Owns the waiting queue, the running (decoding) requests, the one in-flight chunked prefill, the
+radix cache and KV ownership of every request. Each `step()` picks one batch (a prefill/extend
+batch when one can be formed, else a decode batch), has the model runner compute it, appends
+tokens, finishes requests, and returns `ReqOutput`s. It never tokenizes or detokenizes full
+texts (it decodes a short tail only to detect stop strings) and never touches HTTP.
+
+KV ownership (the invariant `check_integrity` verifies): every pool slot is free, held by the
+radix tree, or held by exactly one request as `req_to_token[row, cache_protected_len:kv_len]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
+from radixlm.mem.radix_cache import RadixCache
+from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
+
+logger = logging.getLogger(__name__)
+
+DECODE_LOG_INTERVAL = 40
+
+
+@dataclass
+class SchedulerConfig:
+    schedule_policy: str = "lpm"
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: Optional[int] = 8192  # None or <= 0 disables chunking
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+
+    def __post_init__(self):
+        validate_policy(self.schedule_policy)
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be at least 1")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("schedule_conservativeness must be positive")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size <= 0:
+            self.chunked_prefill_size = None
+
+
+@dataclass
+class SchedulerStats:
+    num_prefill_batches: int = 0
+    num_decode_batches: int = 0
+    prefill_new_tokens: int = 0  # prompt tokens computed
+    prefill_cached_tokens: int = 0  # prompt tokens served from the radix cache
+    num_retractions: int = 0
+    generated_tokens: int = 0
+    last_hit_rate: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        total = self.prefill_new_tokens + self.prefill_cached_tokens
+        return self.prefill_cached_tokens / total if total else 0.0
+
+
+class Scheduler:
+    def __init__(self, runner, cfg: SchedulerConfig, context_len: int,
+                 decode_tail: Optional[Callable[[Sequence[int]], str]] = None):
+        self.runner = runner
+        self.cfg = cfg
+        self.context_len = context_len
+        self.decode_tail = decode_tail  # token ids -> text, for stop strings
+        self.allocator = runner.allocator
+        self.req_to_token_pool = runner.req_to_token_pool
+        self.page_size = self.allocator.page_size
+        self.eos_token_ids = set(runner.model_config.eos_token_ids)
+        self.tree_cache = RadixCache(self.allocator, page_size=self.page_size, disable=cfg.disable_radix_cache)
+        self.waiting: List[Req] = []
+        self.running: List[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.stats = SchedulerStats()
+        self._rng = random.Random(cfg.random_seed)
+        self._arrivals = 0
+        self.init_new_token_ratio = min(0.7 * cfg.schedule_conservativeness, 1.0)
+        self.min_new_token_ratio = min(self.init_new_token_ratio * 0.14, 1.0)
+        self.new_token_ratio_decay = (self.init_new_token_ratio - self.min_new_token_ratio) / 600
+        self.new_token_ratio = self.init_new_token_ratio
+        self._last_decode_log = time.perf_counter()
+        self._decode_tokens_since_log = 0
+
+    # ------------------------------------------------------------------ public
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.allocator.size
+
+    def add_request(self, req: Req) -> None:
+        needed = len(req.origin_input_ids) + 1
+        if needed > self.allocator.size:
+            raise ValueError(f"The input ({len(req.origin_input_ids)} tokens) needs more KV cache than the pool "
+                             f"holds ({self.allocator.size} tokens); raise max_total_tokens")
+        req.arrival_seq = self._arrivals
+        self._arrivals += 1
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> List[ReqOutput]:
+        """Aborts a queued or running request; frees everything it held."""
+        out = []
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                out.append(self._finish(req, FinishReason("abort", message="Aborted by the client")))
+        for req in list(self.running) + ([self.chunked_req] if self.chunked_req else []):
+            if req.rid == rid:
+                self._free_req_kv(req)
+                if req is self.chunked_req:
+                    self.chunked_req = None
+                else:
+                    self.running.remove(req)
+                out.append(self._finish(req, FinishReason("abort", message="Aborted by the client")))
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    def flush_cache(self) -> bool:
+        """Empties the radix cache; only possible when no request is in flight."""
+        if self.has_work():
+            return False
+        self.tree_cache.reset()
+        self.stats = SchedulerStats()
+        return True
+
+    def token_usage(self) -> float:
+        free = self.allocator.available_size() + self.tree_cache.evictable_size()
+        return 1.0 - free / self.allocator.size
+
+    def step(self) -> List[ReqOutput]:
+        """Runs one batch; returns what each touched request produced."""
+        outputs: List[ReqOutput] = []
+        batch = self._get_new_batch_prefill(outputs)
+        if batch is None and self.running:
+            batch = self._get_decode_batch(outputs)
+        if batch is None:
+            if not self.has_work():
+                self.new_token_ratio = self.init_new_token_ratio
+            return outputs
+        result = self.runner.forward_and_sample(batch)
+        if batch.forward_mode.is_decode:
+            outputs.extend(self._process_decode(batch, result))
+        else:
+            outputs.extend(self._process_prefill(batch, result))
+        return outputs
+
+    def check_integrity(self) -> None:
+        """Every slot is free, in the tree, or owned by exactly one live request."""
+        self.tree_cache.check_integrity()
+        held = [self.tree_cache.all_values()]
+        for req in self._live_reqs():
+            row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+            held.append(row[req.cache_protected_len:req.kv_len])
+        self.allocator.check_integrity(torch.cat(held) if held else torch.empty(0, dtype=torch.long))
+        if not self.has_work() and self.tree_cache.protected_size() != 0:
+            raise RuntimeError(f"idle scheduler but {self.tree_cache.protected_size()} tokens still locked")
+
+    # ------------------------------------------------------------------ prefill
+    def _live_reqs(self) -> List[Req]:
+        return self.running + ([self.chunked_req] if self.chunked_req else [])
+
+    def _get_new_batch_prefill(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
+        if not self.waiting and self.chunked_req is None:
+            return None
+        reserve_running = sum(PrefillAdder.decode_reserve(r, self.new_token_ratio) for r in self.running)
+        adder = PrefillAdder(
+            rem_total=self.allocator.available_size() + self.tree_cache.evictable_size() - reserve_running,
+            rem_input=self.cfg.max_prefill_tokens,
+            rem_chunk=self.cfg.chunked_prefill_size,
+            page_size=self.page_size,
+        )
+        admitted: List[Req] = []
+        chunk_open = False  # a request stays mid-prefill after this step: admit nothing behind it
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            left = req.seq_len - req.kv_len
+            take = adder.budget_for(left, 0.0, first=not self.running)
+            if take <= 0:
+                take = min(left, self.page_size)  # the in-flight chunk always makes progress
+            req.prefix_len, req.extend_len = req.kv_len, take
+            adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.new_token_ratio))
+            admitted.append(req)
+            chunk_open = take < left
+        for req in order_waiting(self.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng):
+            if chunk_open or len(self.running) + len(admitted) >= self.cfg.max_running_requests:
+                break
+            if self.req_to_token_pool.available_size() == 0:
+                break
+            match = self.tree_cache.match_prefix(req.fill_ids[:-1])
+            prefix_len = len(match.indices)
+            if adder.shares_new_prefix(req, prefix_len):
+                continue
+            extend = req.seq_len - prefix_len
+            reserve = PrefillAdder.decode_reserve(req, self.new_token_ratio)
+            take = adder.budget_for(extend, reserve, first=not self.running and not admitted)
+            if take <= 0:
+                break
+            self._admit(req, match, take)
+            adder.commit(req.fill_ids, take, reserve if take == extend else 0.0)
+            admitted.append(req)
+            if take < extend:
+                self.chunked_req, chunk_open = req, True
+        if not admitted:
+            return None
+        for req in admitted:
+            if req in self.waiting:
+                self.waiting.remove(req)
+        return self._build_extend_batch(admitted)
+
+    def _admit(self, req: Req, match, take: int) -> None:
+        self.tree_cache.inc_lock_ref(match.last_node)
+        req.last_node = match.last_node
+        req.req_pool_idx = self.req_to_token_pool.alloc()
+        prefix_len = len(match.indices)
+        self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
+        req.prefix_len = req.kv_len = req.cache_protected_len = prefix_len
+        req.extend_len = take
+        req.extend_is_first_chunk = True
+        if req.num_retractions == 0:
+            req.cached_tokens += prefix_len
+
+    def _alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:
+        loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
+        if loc is None and not self.tree_cache.disable:
+            need = sum(extend_lens) + self.page_size * len(extend_lens)
+            self.tree_cache.evict(need)
+            loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
+        return loc
+
+    def _last_slots(self, reqs: Sequence[Req]) -> List[int]:
+        table = self.req_to_token_pool.req_to_token
+        return [int(table[r.req_pool_idx, r.kv_len - 1]) if r.kv_len > 0 else -1 for r in reqs]
+
+    def _build_extend_batch(self, reqs: List[Req]) -> ScheduleBatch:
+        prefix_lens = [r.kv_len for r in reqs]
+        extend_lens = [r.extend_len for r in reqs]
+        loc = self._alloc_with_evict(self._last_slots(reqs), prefix_lens, extend_lens)
+        if loc is None:  # the admission budget counted evictable tokens that are all locked after all
+            raise RuntimeError("KV pool exhausted during prefill admission (budget accounting bug)")
+        input_ids: List[int] = []
+        start = 0
+        for req, pre, ext in zip(reqs, prefix_lens, extend_lens):
+            self.req_to_token_pool.write(req.req_pool_idx, pre, loc[start:start + ext])
+            input_ids.extend(req.fill_ids[pre:pre + ext])
+            start += ext
+        sample = [pre + ext == r.seq_len and r.max_new_tokens > len(r.output_ids)
+                  for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
+        new_tokens = sum(extend_lens)
+        self._log_prefill(reqs, new_tokens)
+        return ScheduleBatch(reqs, ForwardMode.EXTEND, input_ids, loc, prefix_lens, extend_lens, sample)
+
+    def _log_prefill(self, reqs: List[Req], new_tokens: int) -> None:
+        cached = sum(r.prefix_len for r in reqs if r.extend_is_first_chunk)
+        self.stats.num_prefill_batches += 1
+        self.stats.prefill_new_tokens += new_tokens
+        self.stats.prefill_cached_tokens += cached
+        self.stats.last_hit_rate = cached / (cached + new_tokens) if cached + new_tokens else 0.0
+        logger.info(
+            "Prefill batch, #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+            "#running-req: %d, #queue-req: %d, cache hit rate: %.2f%%, running hit rate: %.2f%%",
+            len(reqs), new_tokens, cached, self.token_usage(), len(self.running), len(self.waiting),
+            100 * self.stats.last_hit_rate, 100 * self.stats.cache_hit_rate)
+
+    def _process_prefill(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
+        outputs = []
+        sampled = iter(range(len(result.next_token_ids)))
+        for req, do_sample in zip(batch.reqs, batch.sample):
+            req.kv_len += req.extend_len
+            req.extend_is_first_chunk = False
+            if req is self.chunked_req and req.kv_len < req.seq_len:
+                self._cache_unfinished(req)
+                continue
+            if req is self.chunked_req:
+                self.chunked_req = None
+            if not do_sample:  # max_new_tokens already reached (0): prefill only
+                self._free_or_cache(req)
+                outputs.append(self._finish(req, FinishReason("length", length=len(req.output_ids))))
+                continue
+            outputs.append(self._append_token(req, result, next(sampled)))
+            if req.finished:
+                self._free_or_cache(req)
+            else:
+                self._cache_unfinished(req)
+                self.running.append(req)
+        return outputs
+
+    # ------------------------------------------------------------------ decode
+    def _get_decode_batch(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
+        while True:
+            reqs = list(self.running)
+            loc = self._alloc_with_evict(self._last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+            if loc is not None:
+                break
+            if not self._retract_one(outputs):
+                return None
+        for req, slot in zip(reqs, loc.tolist()):
+            self.req_to_token_pool.req_to_token[req.req_pool_idx, req.kv_len] = slot
+            req.prefix_len, req.extend_len = req.kv_len, 1
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
+                             [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs))
+
+    def _retract_one(self, outputs: List[ReqOutput]) -> bool:
+        """Preempts the least-progressed request (SGLang's order); False when nothing can go."""
+        if len(self.running) <= 1:
+            if self.running:  # even alone it cannot get one more slot: the pool is too small
+                req = self.running.pop()
+                self._free_req_kv(req)
+                outputs.append(self._finish(req, FinishReason("abort", message="KV cache pool is too small")))
+            return False
+        self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
+        req = self.running.pop()
+        self._free_req_kv(req)
+        req.reset_kv_state()
+        req.num_retractions += 1
+        self.waiting.append(req)
+        self.stats.num_retractions += 1
+        old = self.new_token_ratio
+        gen = sum(len(r.output_ids) for r in self.running)
+        left = sum(r.max_new_tokens - len(r.output_ids) for r in self.running)
+        total_max = sum(min(r.max_new_tokens, 1 << 20) for r in self.running)
+        self.new_token_ratio = min(1.0, (gen + 20 * min(left, 1 << 20)) / (total_max + 1))
+        logger.info("KV cache pool is full. Retract requests. #retracted_reqs: 1, #new_token_ratio: %.4f -> %.4f",
+                    old, self.new_token_ratio)
+        return True
+
+    def _process_decode(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
+        outputs = []
+        for i, req in enumerate(batch.reqs):
+            req.kv_len += 1
+            outputs.append(self._append_token(req, result, i))
+        finished = [r for r in batch.reqs if r.finished]
+        for req in finished:
+            self.running.remove(req)
+            self._free_or_cache(req)
+        self.stats.num_decode_batches += 1
+        self._decode_tokens_since_log += len(batch.reqs)
+        if self.stats.num_decode_batches % DECODE_LOG_INTERVAL == 0:
+            now = time.perf_counter()
+            tput = self._decode_tokens_since_log / max(now - self._last_decode_log, 1e-9)
+            self._last_decode_log, self._decode_tokens_since_log = now, 0
+            logger.info("Decode batch, #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
+                        "%.2f, #queue-req: %d", len(self.running), sum(r.kv_len for r in self.running),
+                        self.token_usage(), tput, len(self.waiting))
+        return outputs
+
+    # ------------------------------------------------------------------ tokens and finishing
+    def _append_token(self, req: Req, result, i: int) -> ReqOutput:
+        tid = result.next_token_ids[i]
+        req.output_ids.append(tid)
+        self.stats.generated_tokens += 1
+        lp = tlp = None
+        if req.return_logprob:
+            lp = [result.logprobs[i]]
+            tlp = [result.top_logprobs[i] or []]
+            req.output_logprobs.extend(lp)
+            req.output_top_logprobs.extend(tlp)
+        reason = self._check_finished(req)
+        if reason is not None:
+            req.finished_reason = reason
+        return ReqOutput(req.rid, [tid], reason, len(req.origin_input_ids), len(req.output_ids),
+                         req.cached_tokens, lp, tlp, req.num_retractions)
+
+    def _check_finished(self, req: Req) -> Optional[FinishReason]:
+        sp = req.sampling_params
+        tid = req.output_ids[-1]
+        # (EOS and stop tokens are masked by the sampler until min_new_tokens is reached)
+        if not sp.ignore_eos and tid in self.eos_token_ids:
+            return FinishReason("stop", matched=tid)
+        if sp.stop_token_ids and tid in sp.stop_token_ids:
+            return FinishReason("stop", matched=tid)
+        if len(req.output_ids) >= req.max_new_tokens:
+            return FinishReason("length", length=len(req.output_ids))
+        if req.seq_len >= self.context_len:
+            return FinishReason("length", length=len(req.output_ids))
+        stops = sp.stop_strs
+        if stops and self.decode_tail is not None and len(req.output_ids) >= sp.min_new_tokens:
+            window = max(len(s) for s in stops) + 4
+            tail = self.decode_tail(req.output_ids[-window:])
+            for s in stops:
+                if s in tail:
+                    return FinishReason("stop", matched=s)
+        return None
+
+    def _finish(self, req: Req, reason: FinishReason) -> ReqOutput:
+        req.finished_reason = reason
+        return ReqOutput(req.rid, [], reason, len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
+                         [] if req.return_logprob else None, [] if req.return_logprob else None,
+                         req.num_retractions)
+
+    # ------------------------------------------------------------------ KV ownership
+    def _row(self, req: Req) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token[req.req_pool_idx]
+
+    def _free_req_kv(self, req: Req) -> None:
+        """Returns the request's own slots and row to the pools and drops its lock (no caching)."""
+        if req.req_pool_idx is None:
+            return
+        row = self._row(req)
+        if req.kv_len > req.cache_protected_len:
+            self.allocator.free(row[req.cache_protected_len:req.kv_len].clone())
+        if req.last_node is not None:
+            self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node = None, None
+
+    def _insert_computed(self, req: Req) -> int:
+        """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.
+        Returns the aligned length now held by the tree."""
+        aligned = req.kv_len // self.page_size * self.page_size
+        row = self._row(req)
+        key = req.fill_ids[:aligned]
+        present = self.tree_cache.insert(key, row[:aligned].clone())
+        if present > req.cache_protected_len:
+            self.allocator.free(row[req.cache_protected_len:present].clone())
+        return aligned
+
+    def _free_or_cache(self, req: Req) -> None:
+        """A finished request: its computed KV goes into the radix cache (unless disabled)."""
+        if self.tree_cache.disable or req.req_pool_idx is None:
+            self._free_req_kv(req)
+            return
+        aligned = self._insert_computed(req)
+        row = self._row(req)
+        if req.kv_len > aligned:
+            self.allocator.free(row[aligned:req.kv_len].clone())
+        self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node = None, None
+        req.cache_protected_len = req.kv_len = 0
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """A request that continues: share what it computed so far and lock it for the request."""
+        if self.tree_cache.disable:
+            return
+        aligned = self._insert_computed(req)
+        match = self.tree_cache.match_prefix(req.fill_ids[:aligned])
+        assert len(match.indices) == aligned, "tree lost a prefix that was just inserted"
+        self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
+        self.tree_cache.inc_lock_ref(match.last_node)
+        self.tree_cache.dec_lock_ref(req.last_node)
+        req.last_node = match.last_node
+        req.cache_protected_len = aligned

@@ -1,0 +1,95 @@
+"""ServerArgs: every engine/server option, with SGLang's names and meanings, validated once and
+then frozen. `Engine(**kwargs)` and `launch_server --flag` both build one of these."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from radixlm.attention import available_backends
+from radixlm.sched.schedule_policy import POLICIES
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    dtype: str = "auto"
+    context_length: Optional[int] = None
+    device: str = "auto"
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    # memory and scheduling
+    mem_fraction_static: float = 0.88
+    max_total_tokens: Optional[int] = None
+    max_running_requests: Optional[int] = None
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: Optional[int] = 8192
+    schedule_policy: str = "lpm"
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    page_size: int = 1
+    attention_backend: str = "auto"
+    random_seed: int = 0
+    # server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: Optional[str] = None
+    api_key: Optional[str] = None
+    log_level: str = "info"
+    log_requests: bool = False
+    stream_interval: int = 1
+    enable_metrics: bool = False
+    max_queued_requests: Optional[int] = None
+
+    def __post_init__(self):
+        def bad(field: str, why: str):
+            raise ValueError(f"{field}: {why}")
+
+        if self.model_path is None:
+            bad("model_path", "is required")
+        if not (0 < self.mem_fraction_static < 1):
+            bad("mem_fraction_static", "must be in (0, 1)")
+        for name in ("max_total_tokens", "max_running_requests", "context_length", "max_queued_requests"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(name, "must be at least 1")
+        if self.max_prefill_tokens < 1:
+            bad("max_prefill_tokens", "must be at least 1")
+        if self.page_size < 1:
+            bad("page_size", "must be at least 1")
+        if self.schedule_conservativeness <= 0:
+            bad("schedule_conservativeness", "must be positive")
+        if self.schedule_policy not in POLICIES:
+            bad("schedule_policy", f"{self.schedule_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.attention_backend not in available_backends():
+            bad("attention_backend", f"{self.attention_backend!r} is not one of {', '.join(available_backends())}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            bad("load_format", f"{self.load_format!r} is not one of auto, safetensors, dummy")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("device", f"{self.device!r} is not one of auto, cpu, cuda")
+        if self.log_level.lower() not in LOG_LEVELS:
+            bad("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.stream_interval < 1:
+            bad("stream_interval", "must be at least 1")
+        if not (0 <= self.port < 65536):
+            bad("port", "must be in [0, 65535]")
+
+    def replace(self, **kw) -> "ServerArgs":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def resolved_tokenizer_path(self) -> str:
+        return self.tokenizer_path or self.model_path
