@@ -126,10 +126,10 @@ class EngineLoop:
                     self._deliver(out)
             except Exception as e:  # a bug or device error: fail every request in flight, stay up
                 logger.exception("scheduler step failed; aborting the requests in flight")
-                for rid in [r.rid for r in self.scheduler._live_reqs() + list(self.scheduler.waiting)]:
+                for rid in [r.rid for r in self.scheduler.live_reqs() + list(self.scheduler.waiting)]:
                     self.scheduler.abort_request(rid)
                 sinks, self.sinks = self.sinks, {}
-                for sink in set(sinks.values()):
+                for sink in {id(s): s for s in sinks.values()}.values():
                     sink(RuntimeError(f"engine step failed: {e}"))
 
 
@@ -274,18 +274,15 @@ class Engine:
         self.loop.submit(reqs, q.put)
         if stream:
             return self._stream(q, reqs, pend)
-        finished = 0
-        error: Optional[BaseException] = None
-        while finished < len(reqs):
+        left = len(reqs)
+        while left:
             item = q.get()
-            if isinstance(item, BaseException):
-                error = item
-                finished += 1
-                continue
+            if isinstance(item, BaseException):  # fail the whole call; free the rest
+                for r in reqs:
+                    self.loop.abort(r.rid)
+                raise item
             self._absorb(pend[item.rid], item)
-            finished += item.finished_reason is not None
-        if error is not None:
-            raise error
+            left -= item.finished_reason is not None
         results = [self._result(pend[r.rid]) for r in reqs]
         return results if batched or len(results) > 1 else results[0]
 
@@ -325,6 +322,8 @@ class Engine:
         while left:
             item = await aq.get()
             if isinstance(item, BaseException):
+                for r in reqs:
+                    self.loop.abort(r.rid)
                 raise item
             self._absorb(pend[item.rid], item)
             left -= item.finished_reason is not None

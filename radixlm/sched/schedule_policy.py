@@ -120,7 +120,8 @@ class PrefillAdder:
         return max(take, 0)
 
     def commit(self, fill_ids: List[int], taken: int, reserve: float) -> None:
-        self.rem_total -= taken + reserve
+        pages = -(-taken // self.page_size) * self.page_size  # a partial page still takes a page
+        self.rem_total -= pages + reserve
         self.rem_input -= taken
         if self.rem_chunk is not None:
             self.rem_chunk -= taken

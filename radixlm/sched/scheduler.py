@@ -159,7 +159,7 @@ class Scheduler:
         """Every slot is free, in the tree, or owned by exactly one live request."""
         self.tree_cache.check_integrity()
         held = [self.tree_cache.all_values()]
-        for req in self._live_reqs():
+        for req in self.live_reqs():
             row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
             held.append(row[req.cache_protected_len:req.kv_len])
         self.allocator.check_integrity(torch.cat(held) if held else torch.empty(0, dtype=torch.long))
@@ -167,7 +167,7 @@ class Scheduler:
             raise RuntimeError(f"idle scheduler but {self.tree_cache.protected_size()} tokens still locked")
 
     # ------------------------------------------------------------------ prefill
-    def _live_reqs(self) -> List[Req]:
+    def live_reqs(self) -> List[Req]:
         return self.running + ([self.chunked_req] if self.chunked_req else [])
 
     def _get_new_batch_prefill(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
@@ -203,8 +203,13 @@ class Scheduler:
                 continue
             extend = req.seq_len - prefix_len
             reserve = PrefillAdder.decode_reserve(req, self.new_token_ratio)
+            # Lock first: the matched prefix stops being evictable, so the budget must not count it.
+            locked = self.tree_cache.inc_lock_ref(match.last_node)
+            adder.rem_total -= locked
             take = adder.budget_for(extend, reserve, first=not self.running and not admitted)
             if take <= 0:
+                self.tree_cache.dec_lock_ref(match.last_node)
+                adder.rem_total += locked
                 break
             self._admit(req, match, take)
             adder.commit(req.fill_ids, take, reserve if take == extend else 0.0)
@@ -219,7 +224,7 @@ class Scheduler:
         return self._build_extend_batch(admitted)
 
     def _admit(self, req: Req, match, take: int) -> None:
-        self.tree_cache.inc_lock_ref(match.last_node)
+        """Binds a request (whose matched prefix is already locked) to a row and its prefix."""
         req.last_node = match.last_node
         req.req_pool_idx = self.req_to_token_pool.alloc()
         prefix_len = len(match.indices)

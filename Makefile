@@ -1,0 +1,37 @@
+# radixlm: two commands on a fresh machine.
+#   make serve   start the server on the built-in demo model (builds .venv and the model if needed)
+#   make test    run the test suite (builds .venv if needed)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MODEL ?= models/demo-qwen2-small
+PORT ?= 30000
+
+.PHONY: setup test test-all serve demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# CPU machines take the CPU wheel of torch (a looser pin would pull a multi-GB CUDA build).
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	 else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+$(DEMO_MODEL)/config.json: $(STAMP)
+	$(BIN)/python -m radixlm.tools.make_tiny_model $(DEMO_MODEL) --arch qwen2 --size small
+
+serve: $(DEMO_MODEL)/config.json
+	$(BIN)/python -m radixlm.demo --model-path $(DEMO_MODEL)
+
+bench: $(DEMO_MODEL)/config.json
+	$(BIN)/python -m radixlm.bench_offline --model-path $(DEMO_MODEL)
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny generated checkpoints (one per architecture, built once per session)
+and HF transformers references computed on them."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    from radixlm.tools.make_tiny_model import make_tiny_model
+
+    cache: Dict[tuple, str] = {}
+
+    def get(arch: str = "llama", **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{arch}_model")
+            cache[key] = str(make_tiny_model(out, arch=arch, **overrides))
+        return cache[key]
+
+    return get
+
+
+def random_prompts(seed: int, lengths: List[int], vocab: int, avoid: Tuple[int, ...] = ()) -> List[List[int]]:
+    rng = random.Random(seed)
+    return [[t for t in (rng.randrange(vocab) for _ in range(4 * n)) if t not in avoid][:n] for n in lengths]
+
+
+class HFReference:
+    """Greedy continuation and chosen-token logprobs from HF transformers, cached per prompt."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self._cache: Dict[tuple, tuple] = {}
+
+    @torch.inference_mode()
+    def greedy(self, ids: List[int], n: int) -> Tuple[List[int], List[float]]:
+        key = (tuple(ids), n)
+        if key not in self._cache:
+            out, lps = [], []
+            seq = list(ids)
+            for _ in range(n):  # full recompute each step: slow but free of any cache API
+                logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                tid = int(logits.argmax())
+                lps.append(float(torch.log_softmax(logits, -1)[tid]))
+                out.append(tid)
+                seq.append(tid)
+            self._cache[key] = (out, lps)
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def hf_reference_factory():
+    cache: Dict[str, HFReference] = {}
+
+    def get(path: str) -> HFReference:
+        if path not in cache:
+            cache[path] = HFReference(path)
+        return cache[path]
+
+    return get
