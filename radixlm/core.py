@@ -193,6 +193,7 @@ class Req:
     sampling_params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # first prompt position whose logprob is returned (-1: none)
     arrival_seq: int = 0  # order of arrival, for fcfs
 
     output_ids: List[int] = field(default_factory=list)

@@ -12,20 +12,19 @@ raises ValueError naming the field and never disturbs requests already in flight
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Union
 
-import torch
 
-from radixlm.core import Req, ReqOutput, SamplingParams
+from radixlm.core import Req, ReqOutput
 from radixlm.engine.model_runner import ModelRunner, RunnerConfig
 from radixlm.managers.detokenizer import IncrementalDetokenizer
+from radixlm.managers.io_struct import to_req
+from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.tokenizer import get_tokenizer
 from radixlm.models.model_config import ModelConfig
 from radixlm.sched.scheduler import Scheduler, SchedulerConfig
@@ -154,77 +153,17 @@ class Engine:
             schedule_conservativeness=args.schedule_conservativeness,
             disable_radix_cache=args.disable_radix_cache, random_seed=args.random_seed),
             self.model_config.context_len, decode_tail)
+        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len)
         self.loop = EngineLoop(self.scheduler)
-        self._rid_counter = itertools.count()
         logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
                     self.scheduler.max_total_num_tokens, device, args.attention_backend)
 
     # ------------------------------------------------------------------ request building
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid
-                 ) -> tuple:
-        """Validates one call; returns (list of per-prompt Req lists (n each), batched?)."""
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("exactly one of prompt or input_ids must be given")
-        batched = isinstance(prompt, list) if prompt is not None else (
-            isinstance(input_ids, list) and len(input_ids) > 0 and isinstance(input_ids[0], list))
-        if prompt is not None:
-            prompts = prompt if batched else [prompt]
-            if batched and not prompts:
-                raise ValueError("prompt: the batch is empty")
-            for p in prompts:
-                if not isinstance(p, str):
-                    raise ValueError(f"prompt must be a string or a list of strings, got {type(p).__name__}")
-            if self.tokenizer is None:
-                raise ValueError("prompt: text input needs a tokenizer (skip_tokenizer_init is set); pass input_ids")
-            ids_list = [self.tokenizer.encode(p) for p in prompts]
-        else:
-            ids_list = input_ids if batched else [input_ids]
-        n_prompts = len(ids_list)
-        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n_prompts
-        if len(sps) != n_prompts:
-            raise ValueError(f"sampling_params: got {len(sps)} for {n_prompts} prompts")
-        rids = rid if isinstance(rid, list) else [rid] * n_prompts
-        if len(rids) != n_prompts:
-            raise ValueError(f"rid: got {len(rids)} for {n_prompts} prompts")
-        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-            raise ValueError("top_logprobs_num must be a non-negative integer")
-        groups = []
-        for ids, sp_dict, r in zip(ids_list, sps, rids):
-            sp = SamplingParams.from_dict(sp_dict)
-            ids = self._validate_ids(ids, sp)
-            base = r if r is not None else uuid.uuid4().hex
-            group = []
-            for i in range(sp.n):
-                req = Req(base if sp.n == 1 else f"{base}-{i}", list(ids), sp, bool(return_logprob),
-                          top_logprobs_num)
-                if sp.sampling_seed is not None:
-                    req.generator = torch.Generator(device="cpu").manual_seed(sp.sampling_seed + i)
-                group.append(req)
-            groups.append(group)
-        return groups, batched
-
-    def _validate_ids(self, ids, sp: SamplingParams) -> List[int]:
-        vocab = self.model_config.vocab_size
-        ctx = self.model_config.context_len
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("input_ids must be a list of integers (or a list of such lists)")
-        if len(ids) == 0:
-            raise ValueError("prompt: the input is empty")
-        bad = [t for t in ids if not (0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"input_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= ctx:
-            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({ctx} tokens).")
-        sp.verify(vocab)
-        if sp.max_new_tokens is None:
-            sp.max_new_tokens = ctx - len(ids)
-        elif len(ids) + sp.max_new_tokens > ctx:
-            raise ValueError(
-                f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
-                f"total of {len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input and "
-                f"{sp.max_new_tokens} tokens for the completion (max_new_tokens). Please reduce the number of tokens "
-                "in the input or the completion.")
-        return list(ids)
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid):
+        msgs, batched = self.builder.build(text=prompt, input_ids=input_ids, sampling_params=sampling_params,
+                                           rid=rid, return_logprob=return_logprob,
+                                           top_logprobs_num=top_logprobs_num)
+        return [to_req(m) for m in msgs], batched
 
     def _pending(self, req: Req) -> _Pending:
         detok = IncrementalDetokenizer(self.tokenizer, req.sampling_params) if self.tokenizer is not None else None
@@ -265,11 +204,8 @@ class Engine:
 
         With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
         hold only what is new, with "index" saying which output they belong to."""
-        groups, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
-        reqs = [r for g in groups for r in g]
+        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
         pend = {r.rid: self._pending(r) for r in reqs}
-        if len(pend) != len(reqs):
-            raise ValueError("rid: request ids must be unique")
         q: "queue.Queue" = queue.Queue()
         self.loop.submit(reqs, q.put)
         if stream:
@@ -310,8 +246,7 @@ class Engine:
                              return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
                              rid=None):
         """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
-        groups, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
-        reqs = [r for g in groups for r in g]
+        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
         pend = {r.rid: self._pending(r) for r in reqs}
         aloop = asyncio.get_running_loop()
         aq: "asyncio.Queue" = asyncio.Queue()
