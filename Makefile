@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@# CPU machines take the CPU wheel of torch (a looser pin would pull a multi-GB CUDA build).
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	 else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[server,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,6 +28,9 @@ $(DEMO_MODEL)/config.json: $(STAMP)
 	$(BIN)/python -m radixlm.tools.make_tiny_model $(DEMO_MODEL) --arch qwen2 --size small
 
 serve: $(DEMO_MODEL)/config.json
+	$(BIN)/python -m radixlm.launch_server --model-path $(DEMO_MODEL) --port $(PORT)
+
+demo: $(DEMO_MODEL)/config.json
 	$(BIN)/python -m radixlm.demo --model-path $(DEMO_MODEL)
 
 bench: $(DEMO_MODEL)/config.json

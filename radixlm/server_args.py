@@ -23,6 +23,7 @@ class ServerArgs:
     load_format: str = "auto"
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
+    show_progress: bool = False  # progress bar while loading weights (the server turns it on)
     # memory and scheduling
     mem_fraction_static: float = 0.88
     max_total_tokens: Optional[int] = None

@@ -21,13 +21,12 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional,
 
 
 from radixlm.core import Req, ReqOutput
-from radixlm.engine.model_runner import ModelRunner, RunnerConfig
 from radixlm.managers.detokenizer import IncrementalDetokenizer
 from radixlm.managers.io_struct import to_req
 from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.tokenizer import get_tokenizer
-from radixlm.models.model_config import ModelConfig
-from radixlm.sched.scheduler import Scheduler, SchedulerConfig
+from radixlm.managers.scheduler_process import create_scheduler, scheduler_state
+from radixlm.sched.scheduler import Scheduler
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -137,26 +136,14 @@ class Engine:
         self.server_args = ServerArgs(model_path=model_path, **kwargs)
         args = self.server_args
         logging.getLogger("radixlm").setLevel(args.log_level.upper())
-        device = args.resolved_device
-        self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                              args.trust_remote_code)
-        max_running = args.max_running_requests or 256
-        self.runner = ModelRunner(self.model_config, RunnerConfig(
-            device=device, attention_backend=args.attention_backend, load_format=args.load_format,
-            max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
-            max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed))
-        decode_tail = (lambda ids: self.tokenizer.decode(ids)) if self.tokenizer is not None else None
-        self.scheduler = Scheduler(self.runner, SchedulerConfig(
-            schedule_policy=args.schedule_policy, max_running_requests=max_running,
-            max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
-            schedule_conservativeness=args.schedule_conservativeness,
-            disable_radix_cache=args.disable_radix_cache, random_seed=args.random_seed),
-            self.model_config.context_len, decode_tail)
+        self.scheduler = create_scheduler(args, self.tokenizer)
+        self.model_config = self.scheduler.runner.model_config
         self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len)
         self.loop = EngineLoop(self.scheduler)
         logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
-                    self.scheduler.max_total_num_tokens, device, args.attention_backend)
+                    self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)
 
     # ------------------------------------------------------------------ request building
     def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid):
@@ -293,21 +280,7 @@ class Engine:
         return self.loop.call(lambda s: s.flush_cache())
 
     def get_server_info(self) -> Dict[str, Any]:
-        def info(s: Scheduler) -> Dict[str, Any]:
-            return {
-                "max_total_num_tokens": s.max_total_num_tokens,
-                "num_running_reqs": len(s.running) + (1 if s.chunked_req else 0),
-                "num_queue_reqs": len(s.waiting),
-                "token_usage": s.token_usage(),
-                "cache_hit_rate": s.stats.cache_hit_rate,
-                "prefill_cached_tokens": s.stats.prefill_cached_tokens,
-                "prefill_new_tokens": s.stats.prefill_new_tokens,
-                "num_retractions": s.stats.num_retractions,
-                "generated_tokens": s.stats.generated_tokens,
-                "free_kv_tokens": s.allocator.available_size(),
-                "evictable_kv_tokens": s.tree_cache.evictable_size(),
-            }
-        return self.loop.call(info)
+        return self.loop.call(scheduler_state)
 
     def check_integrity(self) -> None:
         self.loop.call(lambda s: s.check_integrity())

@@ -60,6 +60,7 @@ class SchedulerStats:
     num_retractions: int = 0
     generated_tokens: int = 0
     last_hit_rate: float = 0.0
+    last_gen_throughput: float = 0.0  # tokens/s over the last decode log interval
 
     @property
     def cache_hit_rate(self) -> float:
@@ -355,6 +356,7 @@ class Scheduler:
             now = time.perf_counter()
             tput = self._decode_tokens_since_log / max(now - self._last_decode_log, 1e-9)
             self._last_decode_log, self._decode_tokens_since_log = now, 0
+            self.stats.last_gen_throughput = tput
             logger.info("Decode batch, #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
                         "%.2f, #queue-req: %d", len(self.running), sum(r.kv_len for r in self.running),
                         self.token_usage(), tput, len(self.waiting))

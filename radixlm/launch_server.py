@@ -1,0 +1,87 @@
+"""`python -m radixlm.launch_server --model-path DIR [flags]`: SGLang's flag names and meanings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from radixlm.server_args import ServerArgs
+
+
+def str2bool_flag(p, name: str, help: str) -> None:
+    p.add_argument(name, action="store_true", help=help)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = ServerArgs.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="radixlm.launch_server",
+                                description="Start the radixlm HTTP server (OpenAI-compatible and SGLang-native API).")
+    p.add_argument("--model-path", required=True, help="Local HF checkpoint directory (config.json, *.safetensors).")
+    p.add_argument("--tokenizer-path", default=None, help="Tokenizer directory (default: --model-path).")
+    p.add_argument("--host", default=d["host"].default, help="Address to bind (default %(default)s).")
+    p.add_argument("--port", type=int, default=d["port"].default, help="Port to bind (default %(default)s).")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+                   help="Weight and activation dtype; auto = the checkpoint's (bfloat16 for float32 ones on CUDA).")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="Maximum context length (default: the model's max_position_embeddings).")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy = random weights of the config's shape, no weight file read (benchmarks).")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow custom tokenizer code in the checkpoint.")
+    p.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="No tokenizer: requests must carry input_ids, responses carry no text.")
+    p.add_argument("--mem-fraction-static", type=float, default=d["mem_fraction_static"].default,
+                   help="Fraction of GPU memory for weights + KV cache pool (default %(default)s).")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV cache pool size in tokens (overrides --mem-fraction-static).")
+    p.add_argument("--max-running-requests", type=int, default=None, help="Maximum requests decoding at once.")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="Load shedding: answer 503 when more than max-running + this many requests are in flight.")
+    p.add_argument("--max-prefill-tokens", type=int, default=d["max_prefill_tokens"].default,
+                   help="Token budget of one prefill batch (default %(default)s).")
+    p.add_argument("--chunked-prefill-size", type=int, default=d["chunked_prefill_size"].default,
+                   help="Split long prompts into chunks of this many tokens; -1 disables (default %(default)s).")
+    p.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs", "dfs-weight", "random", "lof"],
+                   help="Order of waiting requests: lpm = longest cached prefix first (default).")
+    p.add_argument("--schedule-conservativeness", type=float, default=1.0,
+                   help="Scales the KV reserved for future decode tokens when admitting (higher = fewer retractions).")
+    p.add_argument("--disable-radix-cache", action="store_true", help="Turn off prefix reuse (for ablation).")
+    p.add_argument("--page-size", type=int, default=1, help="Tokens per KV page (default 1).")
+    p.add_argument("--attention-backend", default="auto", help="auto, torch_native (triton on CUDA when available).")
+    p.add_argument("--random-seed", type=int, default=0, help="Seed for weights (dummy) and unseeded sampling.")
+    p.add_argument("--served-model-name", default=None, help="Model name in the OpenAI API (default: model path).")
+    p.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every API route.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                   help="Logging level.")
+    p.add_argument("--log-requests", action="store_true", help="Log every request's ids.")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="Send a streaming chunk every N tokens (default 1).")
+    p.add_argument("--enable-metrics", action="store_true", help="Serve Prometheus metrics at /metrics.")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> ServerArgs:
+    ns = make_parser().parse_args(argv)
+    kw = vars(ns)
+    if kw["chunked_prefill_size"] is not None and kw["chunked_prefill_size"] <= 0:
+        kw["chunked_prefill_size"] = None
+    try:
+        return ServerArgs(show_progress=True, **kw)
+    except ValueError as e:
+        make_parser().error(str(e))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from radixlm.entrypoints.http_server import launch_server
+
+    args = parse_args(argv)
+    try:
+        launch_server(args)
+    except RuntimeError as e:
+        print(f"radixlm: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

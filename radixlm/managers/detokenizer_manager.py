@@ -1,0 +1,67 @@
+"""DetokenizerManager: the child process that turns token ids into text.
+
+In: `BatchTokenIDOut` from the scheduler. Out: `BatchStrOut` to the tokenizer manager, one
+`StrOut` per request output with the UTF-8-safe text delta (see detokenizer.py). Owns one
+IncrementalDetokenizer per live request and drops it when the request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+from radixlm.core import SamplingParams
+from radixlm.managers.detokenizer import IncrementalDetokenizer
+from radixlm.managers.io_struct import BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+class DetokenizerManager:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: Dict[str, IncrementalDetokenizer] = {}
+
+    def _state(self, rid: str, p: DetokenizeParams) -> IncrementalDetokenizer:
+        st = self.states.get(rid)
+        if st is None:
+            sp = SamplingParams(skip_special_tokens=p.skip_special_tokens,
+                                spaces_between_special_tokens=p.spaces_between_special_tokens,
+                                no_stop_trim=p.no_stop_trim, stop=p.stop or None)
+            st = self.states[rid] = IncrementalDetokenizer(self.tokenizer, sp)
+        return st
+
+    def handle(self, batch: BatchTokenIDOut) -> BatchStrOut:
+        items = []
+        for out, p in zip(batch.outputs, batch.detok_params):
+            delta = ""
+            if self.tokenizer is not None:
+                delta = self._state(out.rid, p).add(out.new_token_ids, out.finished_reason)
+            if out.finished_reason is not None:
+                self.states.pop(out.rid, None)
+            items.append(StrOut(out.rid, delta, out))
+        return BatchStrOut(items)
+
+
+def run_detokenizer_process(args, ipc, parent_pid: int) -> None:
+    import zmq
+
+    from radixlm.managers.scheduler_process import exit_with_parent
+    from radixlm.managers.tokenizer import get_tokenizer
+
+    exit_with_parent(parent_pid)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s detokenizer] %(message)s")
+    tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
+                                                                    args.trust_remote_code)
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.bind(ipc.detokenizer_input)
+    send = ctx.socket(zmq.PUSH)
+    send.connect(ipc.tokenizer_input)
+    mgr = DetokenizerManager(tokenizer)
+    while True:
+        msg = decode(recv.recv())
+        if isinstance(msg, BatchTokenIDOut):
+            send.send(encode(mgr.handle(msg)))
+        else:
+            logger.error("detokenizer got an unexpected message %s", type(msg).__name__)

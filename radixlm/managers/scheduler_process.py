@@ -1,0 +1,178 @@
+"""The scheduler's home: building it from ServerArgs, and the child process that runs it.
+
+`create_scheduler(args)` wires model config, tokenizer tail-decoder, model runner and scheduler;
+the offline Engine calls it in-process. `run_scheduler_process` is the child-process main: it
+takes requests and control messages from the tokenizer manager over ZeroMQ, steps the scheduler
+while there is work, and pushes each step's tokens to the detokenizer. It exits when its parent
+dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from radixlm.core import FinishReason, ReqOutput
+from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
+                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
+                                        SchedulerReady, TokenizedGenerateReqInput, decode, detok_params_of, encode,
+                                        to_req)
+from radixlm.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def create_scheduler(args: ServerArgs, tokenizer=None):
+    from radixlm.engine.model_runner import ModelRunner, RunnerConfig
+    from radixlm.models.model_config import ModelConfig
+    from radixlm.sched.scheduler import Scheduler, SchedulerConfig
+
+    model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
+    max_running = args.max_running_requests or 256
+    runner = ModelRunner(model_config, RunnerConfig(
+        device=args.resolved_device, attention_backend=args.attention_backend, load_format=args.load_format,
+        max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+        max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed,
+        show_progress=args.show_progress))
+    decode_tail = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
+    return Scheduler(runner, SchedulerConfig(
+        schedule_policy=args.schedule_policy, max_running_requests=max_running,
+        max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
+        schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
+        random_seed=args.random_seed), model_config.context_len, decode_tail)
+
+
+def scheduler_state(s) -> Dict:
+    return {
+        "max_total_num_tokens": s.max_total_num_tokens,
+        "num_running_reqs": len(s.running) + (1 if s.chunked_req else 0),
+        "num_queue_reqs": len(s.waiting),
+        "token_usage": s.token_usage(),
+        "cache_hit_rate": s.stats.cache_hit_rate,
+        "last_prefill_hit_rate": s.stats.last_hit_rate,
+        "prefill_cached_tokens": s.stats.prefill_cached_tokens,
+        "prefill_new_tokens": s.stats.prefill_new_tokens,
+        "num_retractions": s.stats.num_retractions,
+        "generated_tokens": s.stats.generated_tokens,
+        "free_kv_tokens": s.allocator.available_size(),
+        "evictable_kv_tokens": s.tree_cache.evictable_size(),
+        "protected_kv_tokens": s.tree_cache.protected_size(),
+        "last_gen_throughput": s.stats.last_gen_throughput,
+    }
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Children never outlive the server: poll the parent and leave when it is gone."""
+    try:  # Linux: the kernel sends SIGKILL when the parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - other platforms: the polling thread below suffices
+        pass
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+@dataclass
+class IPCNames:
+    scheduler_input: str  # tokenizer manager -> scheduler
+    detokenizer_input: str  # scheduler -> detokenizer
+    tokenizer_input: str  # detokenizer and scheduler -> tokenizer manager
+
+
+def run_scheduler_process(args: ServerArgs, ipc: IPCNames, parent_pid: int) -> None:
+    import zmq
+
+    exit_with_parent(parent_pid)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s scheduler] %(message)s")
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.bind(ipc.scheduler_input)
+    to_detok = ctx.socket(zmq.PUSH)
+    to_detok.connect(ipc.detokenizer_input)
+    to_tokenizer = ctx.socket(zmq.PUSH)
+    to_tokenizer.connect(ipc.tokenizer_input)
+    try:
+        from radixlm.managers.tokenizer import get_tokenizer
+
+        tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
+                                                                        args.trust_remote_code)
+        scheduler = create_scheduler(args, tokenizer)
+    except Exception as e:  # noqa: BLE001 - reported to the launcher, which exits with it
+        to_tokenizer.send(encode(SchedulerReady(False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+        time.sleep(0.5)
+        return
+    to_tokenizer.send(encode(SchedulerReady(True, info={
+        "max_total_num_tokens": scheduler.max_total_num_tokens,
+        "context_len": scheduler.context_len,
+        "vocab_size": scheduler.runner.model_config.vocab_size,
+    })))
+    SchedulerLoop(scheduler, recv, to_detok, to_tokenizer).run()
+
+
+class SchedulerLoop:
+    def __init__(self, scheduler, recv, to_detok, to_tokenizer):
+        self.scheduler = scheduler
+        self.recv, self.to_detok, self.to_tokenizer = recv, to_detok, to_tokenizer
+        self.detok_params: Dict[str, DetokenizeParams] = {}
+
+    def run(self) -> None:
+        import zmq
+
+        while True:
+            block = not self.scheduler.has_work()
+            while True:
+                try:
+                    data = self.recv.recv(flags=0 if block else zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.handle(decode(data))
+                block = False
+            if self.scheduler.has_work():
+                self.emit(self.scheduler.step())
+            else:
+                self.scheduler.check_integrity()
+
+    def handle(self, msg) -> None:
+        s = self.scheduler
+        if isinstance(msg, TokenizedGenerateReqInput):
+            req = to_req(msg)
+            self.detok_params[req.rid] = detok_params_of(req.sampling_params)
+            try:
+                s.add_request(req)
+            except ValueError as e:
+                self.emit([ReqOutput(req.rid, [], FinishReason("abort", message=str(e)), len(req.origin_input_ids),
+                                     0, 0)])
+        elif isinstance(msg, AbortReq):
+            rids = [r.rid for r in s.live_reqs() + list(s.waiting)] if msg.abort_all else [msg.rid]
+            for rid in rids:
+                self.emit(s.abort_request(rid))
+        elif isinstance(msg, FlushCacheReq):
+            ok = s.flush_cache()
+            self.to_tokenizer.send(encode(FlushCacheReqOutput(
+                ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.")))
+        elif isinstance(msg, GetInternalStateReq):
+            self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s))))
+        else:
+            logger.error("scheduler got an unexpected message %s", type(msg).__name__)
+
+    def emit(self, outputs: List[ReqOutput]) -> None:
+        if not outputs:
+            return
+        params = [self.detok_params.get(o.rid, DetokenizeParams()) for o in outputs]
+        for o in outputs:
+            if o.finished_reason is not None:
+                self.detok_params.pop(o.rid, None)
+        self.to_detok.send(encode(BatchTokenIDOut(outputs, params)))

@@ -1,0 +1,310 @@
+"""TokenizerManager: the server's side of the runtime, in the main (asyncio) process.
+
+Owns the tokenizer, request validation (RequestBuilder), the ZeroMQ sockets to the scheduler
+process and from the detokenizer process, and one `ReqState` per in-flight request. HTTP handlers
+call `generate(obj)` and iterate; the receive loop fills each request's state from `BatchStrOut`s.
+It also starts and watches the two child processes: when the scheduler dies every waiting client
+gets an error (503) and the server shuts down instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from radixlm.core import FinishReason
+from radixlm.managers.io_struct import (AbortReq, BatchStrOut, FlushCacheReq, FlushCacheReqOutput,
+                                        GetInternalStateReq, GetInternalStateReqOutput, SchedulerReady,
+                                        TokenizedGenerateReqInput, decode, encode)
+from radixlm.managers.request_builder import RequestBuilder
+from radixlm.managers.scheduler_process import IPCNames
+from radixlm.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceUnavailable(RuntimeError):
+    """The runtime cannot take requests (scheduler gone, shutting down, queue full): HTTP 503."""
+
+
+@dataclass
+class ReqState:
+    msg: TokenizedGenerateReqInput
+    created: float = field(default_factory=time.perf_counter)
+    text: str = ""
+    output_ids: List[int] = field(default_factory=list)
+    logprobs: List[Any] = field(default_factory=list)
+    top_logprobs: List[Any] = field(default_factory=list)
+    finished_reason: Optional[FinishReason] = None
+    cached_tokens: int = 0
+    num_retractions: int = 0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    error: Optional[BaseException] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None or self.error is not None
+
+    def to_dict(self, return_text_in_logprobs: bool = False, decode_one=None) -> Dict[str, Any]:
+        meta: Dict[str, Any] = {
+            "id": self.msg.rid,
+            "finish_reason": self.finished_reason.to_json() if self.finished_reason else None,
+            "prompt_tokens": len(self.msg.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+        }
+        if self.finished:
+            meta["e2e_latency"] = time.perf_counter() - self.created
+        if self.num_retractions:
+            meta["num_retractions"] = self.num_retractions
+        if self.msg.return_logprob:
+            def txt(t):
+                return decode_one(t) if return_text_in_logprobs and decode_one else None
+            meta["output_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.logprobs]
+            if self.msg.top_logprobs_num > 0:
+                meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in tops] for tops in self.top_logprobs]
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+
+
+class TokenizerManager:
+    def __init__(self, args: ServerArgs):
+        from radixlm.managers.tokenizer import get_tokenizer
+        from radixlm.models.model_config import ModelConfig
+
+        self.args = args
+        self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
+        self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
+                                                                             args.trust_remote_code)
+        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len)
+        self.served_model_name = args.served_model_name or args.model_path
+        self.states: Dict[str, ReqState] = {}
+        self.control_waiters: Dict[type, List[asyncio.Future]] = {}
+        self.dead_reason: Optional[str] = None
+        self.server_info: Dict[str, Any] = {}
+        self.procs: List[mp.Process] = []
+        self._ipc_dir = tempfile.mkdtemp(prefix="radixlm-ipc-")
+        self.ipc = IPCNames(*(f"ipc://{self._ipc_dir}/{n}" for n in ("scheduler", "detokenizer", "tokenizer")))
+        self.num_requests_total = 0
+
+    # ------------------------------------------------------------------ processes
+    def launch(self, timeout: float = 600.0) -> None:
+        """Starts the detokenizer and scheduler processes and waits until the model is loaded."""
+        import zmq
+
+        from radixlm.managers.detokenizer_manager import run_detokenizer_process
+        from radixlm.managers.scheduler_process import run_scheduler_process
+
+        self._zctx = zmq.Context()
+        recv = self._zctx.socket(zmq.PULL)
+        recv.bind(self.ipc.tokenizer_input)
+        spawn = mp.get_context("spawn")
+        pid = os.getpid()
+        self.detok_proc = spawn.Process(target=run_detokenizer_process, args=(self.args, self.ipc, pid),
+                                        name="radixlm-detokenizer", daemon=True)
+        self.sched_proc = spawn.Process(target=run_scheduler_process, args=(self.args, self.ipc, pid),
+                                        name="radixlm-scheduler", daemon=True)
+        self.detok_proc.start()
+        self.sched_proc.start()
+        self.procs = [self.sched_proc, self.detok_proc]
+        poller = zmq.Poller()
+        poller.register(recv, zmq.POLLIN)
+        deadline = time.time() + timeout
+        ready: Optional[SchedulerReady] = None
+        while ready is None:
+            if time.time() > deadline:
+                self.shutdown()
+                raise RuntimeError("the scheduler did not become ready in time")
+            if not self.sched_proc.is_alive():
+                self.shutdown()
+                raise RuntimeError(f"the scheduler process exited during start-up (code {self.sched_proc.exitcode})")
+            if poller.poll(200):
+                msg = decode(recv.recv())
+                if isinstance(msg, SchedulerReady):
+                    ready = msg
+        if not ready.ok:
+            self.shutdown()
+            raise RuntimeError(f"the scheduler failed to start: {ready.error}")
+        self.server_info = ready.info
+        recv.close(linger=0)
+
+    def connect(self) -> None:
+        """Opens the asyncio sockets; call from inside the server's event loop."""
+        import zmq
+        import zmq.asyncio
+
+        self._actx = zmq.asyncio.Context()
+        self.recv_sock = self._actx.socket(zmq.PULL)
+        self.recv_sock.bind(self.ipc.tokenizer_input)
+        self.send_sock = self._actx.socket(zmq.PUSH)
+        self.send_sock.connect(self.ipc.scheduler_input)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch_children())]
+
+    def shutdown(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        self.procs = []
+
+    async def _watch_children(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for p in self.procs:
+                if not p.is_alive():
+                    self._on_dead(f"{p.name} exited with code {p.exitcode}")
+                    return
+
+    def _on_dead(self, reason: str) -> None:
+        logger.error("runtime failure: %s; failing in-flight requests and shutting down", reason)
+        self.dead_reason = reason
+        for st in self.states.values():
+            st.error = ServiceUnavailable(f"the runtime is unavailable: {reason}")
+            st.event.set()
+        for waiters in self.control_waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(ServiceUnavailable(reason))
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, os.kill, os.getpid(), signal.SIGTERM)  # answer the pending 503s, then exit
+
+    # ------------------------------------------------------------------ receive
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = decode(await self.recv_sock.recv())
+            if isinstance(msg, BatchStrOut):
+                for item in msg.items:
+                    st = self.states.get(item.rid)
+                    if st is None:
+                        continue
+                    out = item.output
+                    st.text += item.text_delta
+                    st.output_ids.extend(out.new_token_ids)
+                    st.cached_tokens = out.cached_tokens
+                    st.num_retractions = out.num_retractions
+                    if out.new_logprobs:
+                        st.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
+                        st.top_logprobs.extend(out.new_top_logprobs or [])
+                    if out.finished_reason is not None:
+                        st.finished_reason = out.finished_reason
+                    st.event.set()
+            elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
+                waiters = self.control_waiters.get(type(msg), [])
+                if waiters:
+                    fut = waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
+
+    async def _control(self, req, reply_type: type, timeout: float = 30.0):
+        self._check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self.control_waiters.setdefault(reply_type, []).append(fut)
+        await self.send_sock.send(encode(req))
+        return await asyncio.wait_for(fut, timeout)
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise ServiceUnavailable(f"the runtime is unavailable: {self.dead_reason}")
+
+    # ------------------------------------------------------------------ API
+    async def flush_cache(self) -> FlushCacheReqOutput:
+        return await self._control(FlushCacheReq(), FlushCacheReqOutput)
+
+    async def get_internal_state(self) -> Dict[str, Any]:
+        return (await self._control(GetInternalStateReq(), GetInternalStateReqOutput)).state
+
+    async def abort(self, rid: str = "", abort_all: bool = False) -> None:
+        if self.dead_reason is None:
+            await self.send_sock.send(encode(AbortReq(rid, abort_all)))
+
+    def build(self, obj: Dict[str, Any]) -> tuple:
+        """Validates a native GenerateReqInput dict; returns (messages, batched)."""
+        known = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
+                 "logprob_start_len", "stream", "return_text_in_logprobs", "log_metrics"}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise ValueError(f"Unsupported field(s) in the request: {', '.join(unknown)}")
+        return self.builder.build(text=obj.get("text"), input_ids=obj.get("input_ids"),
+                                  sampling_params=obj.get("sampling_params"), rid=obj.get("rid"),
+                                  return_logprob=bool(obj.get("return_logprob", False)),
+                                  top_logprobs_num=obj.get("top_logprobs_num") or 0,
+                                  logprob_start_len=obj.get("logprob_start_len", -1)
+                                  if obj.get("logprob_start_len") is not None else -1,
+                                  stream=bool(obj.get("stream", False)))
+
+    async def submit(self, msgs: List[TokenizedGenerateReqInput]) -> List[ReqState]:
+        self._check_alive()
+        limit = self.args.max_queued_requests
+        if limit is not None:
+            cap = (self.args.max_running_requests or 256) + limit
+            if len(self.states) + len(msgs) > cap:
+                raise ServiceUnavailable(f"The server is overloaded: more than {cap} requests in flight "
+                                         f"(--max-queued-requests {limit}). Retry later.")
+        for m in msgs:
+            if m.rid in self.states:
+                raise ValueError(f"rid: a request with id {m.rid!r} is already running")
+        states = [ReqState(m) for m in msgs]
+        for st in states:
+            self.states[st.msg.rid] = st
+        self.num_requests_total += len(msgs)
+        for m in msgs:
+            await self.send_sock.send(encode(m))
+        return states
+
+    async def wait_all(self, states: List[ReqState]) -> None:
+        try:
+            for st in states:
+                while not st.finished:
+                    st.event.clear()
+                    if st.finished:
+                        break
+                    await st.event.wait()
+                if st.error is not None:
+                    raise st.error
+        finally:
+            await self.release(states)
+
+    async def stream(self, states: List[ReqState]) -> AsyncIterator[tuple]:
+        """Yields (index, state) each time a request has new output, until all finish."""
+        pending = dict(enumerate(states))
+        try:
+            while pending:
+                progressed = False
+                for i, st in list(pending.items()):
+                    if st.error is not None:
+                        raise st.error
+                    if st.event.is_set():
+                        st.event.clear()
+                        progressed = True
+                        yield i, st
+                        if st.finished:
+                            del pending[i]
+                if not progressed:
+                    waits = [asyncio.ensure_future(st.event.wait()) for st in pending.values()]
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waits:
+                            w.cancel()
+        finally:
+            await self.release(states)
+
+    async def release(self, states: List[ReqState]) -> None:
+        """Forgets the requests; aborts the ones that are still running (client went away)."""
+        for st in states:
+            self.states.pop(st.msg.rid, None)
+            if not st.finished:
+                await self.abort(st.msg.rid)
+
+    def decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
