@@ -214,6 +214,21 @@ class Req:
     generator: Optional[torch.Generator] = None
     output_logprobs: List[float] = field(default_factory=list)
     output_top_logprobs: List[List[tuple]] = field(default_factory=list)
+    # prompt logprobs: [(position, logprob | None, token_id, top | None)] from logprob_start_len on
+    input_logprobs: List[tuple] = field(default_factory=list)
+    input_logprobs_sent: bool = False
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_sent
+
+    def input_logprob_range(self, prefix_len: int, extend_len: int) -> Optional[tuple]:
+        """Positions of this extend whose logits score the next prompt token."""
+        if not self.wants_input_logprobs:
+            return None
+        a = max(prefix_len, self.logprob_start_len - 1, 0)
+        b = min(prefix_len + extend_len, len(self.origin_input_ids) - 1)
+        return (a, b) if a < b else None
 
     @property
     def fill_ids(self) -> List[int]:
@@ -255,6 +270,8 @@ class ScheduleBatch:
     prefix_lens: List[int]  # per request: tokens already in the pool
     extend_lens: List[int]  # per request: new tokens this step
     sample: List[bool] = field(default_factory=list)  # per request: sample after this step (False mid-chunk)
+    # per request: absolute positions [a, b) whose next-token (prompt) logprobs to compute, or None
+    input_logprob_ranges: List[Optional[tuple]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -278,3 +295,5 @@ class ReqOutput:
     new_logprobs: Optional[List[float]] = None
     new_top_logprobs: Optional[List[list]] = None
     num_retractions: int = 0
+    input_token_logprobs: Optional[List[list]] = None  # [[logprob | None, token_id]] once, with the first output
+    input_top_logprobs: Optional[List[Optional[list]]] = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -26,7 +26,8 @@ from radixlm.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-CPU_KV_BUDGET_BYTES = 2 << 30  # default KV budget on CPU when max_total_tokens is not given
+CPU_KV_BUDGET_BYTES = 2 << 30
+INPUT_LOGPROB_CHUNK = 1024  # prompt positions per logits matmul when prompt logprobs are asked  # default KV budget on CPU when max_total_tokens is not given
 
 
 @dataclass
@@ -107,22 +108,54 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduleBatch) -> torch.Tensor:
-        """Runs the model; returns logits at every request's last new token: [B, vocab]."""
+    def forward(self, batch: ScheduleBatch):
+        """Runs the model; returns (logits at every request's last new token [B, vocab], hidden [T, h])."""
         fb = self.build_forward_batch(batch)
         self.attn_backend.init_forward_metadata(fb)
         with forward_context(fb):
             hidden = self.model(fb.input_ids, fb.positions)
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
-        return self.model.compute_logits(hidden[last])
+        return self.model.compute_logits(hidden[last]), hidden
 
     @torch.inference_mode()
     def forward_and_sample(self, batch: ScheduleBatch) -> SampleOutput:
-        logits = self.forward(batch)
+        logits, hidden = self.forward(batch)
         rows = [i for i, s in enumerate(batch.sample) if s]
-        if not rows:
-            return SampleOutput(next_token_ids=[])
-        reqs = [batch.reqs[i] for i in rows]
-        if len(rows) != batch.batch_size:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        return self.sampler(logits, reqs)
+        if rows:
+            reqs = [batch.reqs[i] for i in rows]
+            if len(rows) != batch.batch_size:
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            out = self.sampler(logits, reqs)
+        else:
+            out = SampleOutput(next_token_ids=[])
+        if any(batch.input_logprob_ranges):
+            out.input_logprobs = self.input_logprobs(batch, hidden)
+        return out
+
+    def input_logprobs(self, batch: ScheduleBatch, hidden: torch.Tensor) -> List[Optional[list]]:
+        """Prompt logprobs: for each requested absolute position p, the logprob of token p+1 given
+        tokens 0..p (and the top-k alternatives). Returns per request [(p+1, lp, token, tops)]."""
+        res: List[Optional[list]] = []
+        offset = 0
+        for req, pre, ext, rng in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.input_logprob_ranges):
+            if rng is None:
+                res.append(None)
+                offset += ext
+                continue
+            a, b = rng
+            fill = req.fill_ids
+            entries = []
+            for c in range(a, b, INPUT_LOGPROB_CHUNK):
+                d = min(b, c + INPUT_LOGPROB_CHUNK)
+                idx = torch.arange(offset + c - pre, offset + d - pre, device=hidden.device)
+                lps = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+                targets = torch.tensor(fill[c + 1:d + 1], device=lps.device)
+                chosen = lps.gather(1, targets[:, None]).squeeze(1).tolist()
+                tops = [None] * (d - c)
+                if req.top_logprobs_num > 0:
+                    v, t = lps.topk(min(req.top_logprobs_num, lps.shape[1]), dim=-1)
+                    tops = [list(zip(vr, tr)) for vr, tr in zip(v.tolist(), t.tolist())]
+                entries.extend(zip(range(c + 1, d + 1), chosen, fill[c + 1:d + 1], tops))
+            res.append(entries)
+            offset += ext
+        return res

@@ -22,6 +22,7 @@ class SampleOutput:
     next_token_ids: List[int]
     logprobs: Optional[List[float]] = None  # per row, None entries for rows that did not ask
     top_logprobs: Optional[List[Optional[list]]] = None
+    input_logprobs: Optional[List[Optional[list]]] = None  # per batch request (see ModelRunner.input_logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req]) -> None:

@@ -45,6 +45,8 @@ class _Pending:
     text: str = ""
     logprobs: List[Any] = field(default_factory=list)
     top_logprobs: List[Any] = field(default_factory=list)
+    input_logprobs: Optional[List[Any]] = None
+    input_top_logprobs: Optional[List[Any]] = None
     last: Optional[ReqOutput] = None
 
 
@@ -146,10 +148,11 @@ class Engine:
                     self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)
 
     # ------------------------------------------------------------------ request building
-    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid):
+    def _prepare(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                 logprob_start_len=-1):
         msgs, batched = self.builder.build(text=prompt, input_ids=input_ids, sampling_params=sampling_params,
                                            rid=rid, return_logprob=return_logprob,
-                                           top_logprobs_num=top_logprobs_num)
+                                           top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
         return [to_req(m) for m in msgs], batched
 
     def _pending(self, req: Req) -> _Pending:
@@ -160,6 +163,8 @@ class Engine:
         """Folds one ReqOutput into the request's client state; returns the new text."""
         p.output_ids.extend(out.new_token_ids)
         p.last = out
+        if out.input_token_logprobs is not None:
+            p.input_logprobs, p.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
         if out.new_logprobs:
             p.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
             p.top_logprobs.extend(out.new_top_logprobs or [])
@@ -182,16 +187,22 @@ class Engine:
         if p.req.return_logprob:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in p.logprobs]
             meta["output_top_logprobs"] = [[(v, t, None) for v, t in tops] for tops in p.top_logprobs]
+            if p.input_logprobs is not None:
+                meta["input_token_logprobs"] = [(lp, tid, None) for lp, tid in p.input_logprobs]
+                if p.input_top_logprobs is not None:
+                    meta["input_top_logprobs"] = [None if tops is None else [(v, t, None) for v, t in tops]
+                                                  for tops in p.input_top_logprobs]
         return {"text": p.text if text is None else text, "output_ids": list(p.output_ids), "meta_info": meta}
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, rid=None):
+                 top_logprobs_num: int = 0, stream: bool = False, rid=None, logprob_start_len: int = -1):
         """Generates for one prompt (returns a dict) or a batch (a list, n outputs per prompt).
 
         With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
         hold only what is new, with "index" saying which output they belong to."""
-        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
+        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                                      logprob_start_len)
         pend = {r.rid: self._pending(r) for r in reqs}
         q: "queue.Queue" = queue.Queue()
         self.loop.submit(reqs, q.put)
@@ -231,9 +242,10 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
-                             rid=None):
+                             rid=None, logprob_start_len: int = -1):
         """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
-        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid)
+        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                                      logprob_start_len)
         pend = {r.rid: self._pending(r) for r in reqs}
         aloop = asyncio.get_running_loop()
         aq: "asyncio.Queue" = asyncio.Queue()

@@ -57,8 +57,6 @@ class RequestBuilder:
         for ids, sp_dict, r in zip(ids_list, sps, rids):
             sp = SamplingParams.from_dict(sp_dict)
             ids = self.validate_ids(ids, sp)
-            if return_logprob and logprob_start_len >= 0:
-                raise ValueError("logprob_start_len: prompt logprobs are not supported yet (use -1)")
             if return_logprob and logprob_start_len >= len(ids):
                 raise ValueError(f"logprob_start_len ({logprob_start_len}) is higher than the number of input "
                                  f"tokens ({len(ids)})")

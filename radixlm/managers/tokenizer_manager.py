@@ -42,6 +42,8 @@ class ReqState:
     output_ids: List[int] = field(default_factory=list)
     logprobs: List[Any] = field(default_factory=list)
     top_logprobs: List[Any] = field(default_factory=list)
+    input_logprobs: Optional[List[Any]] = None
+    input_top_logprobs: Optional[List[Any]] = None
     finished_reason: Optional[FinishReason] = None
     cached_tokens: int = 0
     num_retractions: int = 0
@@ -70,6 +72,11 @@ class ReqState:
             meta["output_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.logprobs]
             if self.msg.top_logprobs_num > 0:
                 meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in tops] for tops in self.top_logprobs]
+            if self.input_logprobs is not None:
+                meta["input_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.input_logprobs]
+                if self.input_top_logprobs is not None:
+                    meta["input_top_logprobs"] = [None if tops is None else [[v, t, txt(t)] for v, t in tops]
+                                                  for tops in self.input_top_logprobs]
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
 
 
@@ -192,6 +199,8 @@ class TokenizerManager:
                     st.output_ids.extend(out.new_token_ids)
                     st.cached_tokens = out.cached_tokens
                     st.num_retractions = out.num_retractions
+                    if out.input_token_logprobs is not None:
+                        st.input_logprobs, st.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
                     if out.new_logprobs:
                         st.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
                         st.top_logprobs.extend(out.new_top_logprobs or [])

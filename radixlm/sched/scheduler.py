@@ -198,7 +198,10 @@ class Scheduler:
                 break
             if self.req_to_token_pool.available_size() == 0:
                 break
-            match = self.tree_cache.match_prefix(req.fill_ids[:-1])
+            key = req.fill_ids[:-1]
+            if req.wants_input_logprobs:  # prompt logprobs need the logits, so recompute from there
+                key = key[:max(req.logprob_start_len - 1, 0)]
+            match = self.tree_cache.match_prefix(key)
             prefix_len = len(match.indices)
             if adder.shares_new_prefix(req, prefix_len):
                 continue
@@ -262,9 +265,10 @@ class Scheduler:
             start += ext
         sample = [pre + ext == r.seq_len and r.max_new_tokens > len(r.output_ids)
                   for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
+        ranges = [r.input_logprob_range(pre, ext) for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
         new_tokens = sum(extend_lens)
         self._log_prefill(reqs, new_tokens)
-        return ScheduleBatch(reqs, ForwardMode.EXTEND, input_ids, loc, prefix_lens, extend_lens, sample)
+        return ScheduleBatch(reqs, ForwardMode.EXTEND, input_ids, loc, prefix_lens, extend_lens, sample, ranges)
 
     def _log_prefill(self, reqs: List[Req], new_tokens: int) -> None:
         cached = sum(r.prefix_len for r in reqs if r.extend_is_first_chunk)
@@ -281,7 +285,9 @@ class Scheduler:
     def _process_prefill(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
         outputs = []
         sampled = iter(range(len(result.next_token_ids)))
-        for req, do_sample in zip(batch.reqs, batch.sample):
+        for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample)):
+            if result.input_logprobs is not None and result.input_logprobs[i]:
+                req.input_logprobs.extend(result.input_logprobs[i])
             req.kv_len += req.extend_len
             req.extend_is_first_chunk = False
             if req is self.chunked_req and req.kv_len < req.seq_len:
@@ -291,9 +297,10 @@ class Scheduler:
                 self.chunked_req = None
             if not do_sample:  # max_new_tokens already reached (0): prefill only
                 self._free_or_cache(req)
-                outputs.append(self._finish(req, FinishReason("length", length=len(req.output_ids))))
+                outputs.append(self._attach_input_logprobs(
+                    req, self._finish(req, FinishReason("length", length=len(req.output_ids)))))
                 continue
-            outputs.append(self._append_token(req, result, next(sampled)))
+            outputs.append(self._attach_input_logprobs(req, self._append_token(req, result, next(sampled))))
             if req.finished:
                 self._free_or_cache(req)
             else:
@@ -378,6 +385,21 @@ class Scheduler:
             req.finished_reason = reason
         return ReqOutput(req.rid, [tid], reason, len(req.origin_input_ids), len(req.output_ids),
                          req.cached_tokens, lp, tlp, req.num_retractions)
+
+    def _attach_input_logprobs(self, req: Req, out: ReqOutput) -> ReqOutput:
+        """Hands the prompt logprobs out once, with the request's first output."""
+        if not req.wants_input_logprobs:
+            return out
+        start = req.logprob_start_len
+        first = [[None, req.origin_input_ids[0]]] if start == 0 else []
+        by_pos = {p: (lp, tid, tops) for p, lp, tid, tops in req.input_logprobs}
+        rest = [by_pos[p] for p in range(max(start, 1), len(req.origin_input_ids))]
+        out.input_token_logprobs = first + [[lp, tid] for lp, tid, _ in rest]
+        if req.top_logprobs_num > 0:
+            out.input_top_logprobs = ([None] if start == 0 else []) + [tops for _, _, tops in rest]
+        req.input_logprobs_sent = True
+        req.input_logprobs = []
+        return out
 
     def _check_finished(self, req: Req) -> Optional[FinishReason]:
         sp = req.sampling_params
