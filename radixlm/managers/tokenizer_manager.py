@@ -286,6 +286,8 @@ class TokenizerManager:
     async def stream(self, states: List[ReqState]) -> AsyncIterator[tuple]:
         """Yields (index, state) each time a request has new output, until all finish."""
         pending = dict(enumerate(states))
+        sent = {i: 0 for i in pending}  # tokens already reported, for --stream-interval
+        interval = self.args.stream_interval
         try:
             while pending:
                 progressed = False
@@ -295,7 +297,9 @@ class TokenizerManager:
                     if st.event.is_set():
                         st.event.clear()
                         progressed = True
-                        yield i, st
+                        if st.finished or len(st.output_ids) - sent[i] >= interval:
+                            sent[i] = len(st.output_ids)
+                            yield i, st
                         if st.finished:
                             del pending[i]
                 if not progressed:
