@@ -139,10 +139,6 @@ class SamplingParams:
         constraints = [n for n in ("regex", "json_schema", "ebnf") if getattr(self, n) is not None]
         if len(constraints) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
-        if constraints:
-            raise ValueError(
-                f"{constraints[0]}: constrained decoding is not available in this build (no grammar backend)"
-            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -217,6 +213,10 @@ class Req:
     # prompt logprobs: [(position, logprob | None, token_id, top | None)] from logprob_start_len on
     input_logprobs: List[tuple] = field(default_factory=list)
     input_logprobs_sent: bool = False
+    # structured generation
+    grammar: Any = None  # the request's matcher once its grammar is compiled
+    grammar_future: Any = None  # compile in flight (concurrent.futures.Future)
+    jump_forward_tokens: int = 0  # tokens appended by jump-forward instead of decoding
 
     @property
     def wants_input_logprobs(self) -> bool:
@@ -247,6 +247,11 @@ class Req:
     def max_new_tokens(self) -> int:
         m = self.sampling_params.max_new_tokens
         return 1 << 30 if m is None else m
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens appended without KV beyond the last one (jump-forward): they need an extend."""
+        return max(self.seq_len - self.kv_len - 1, 0) if self.kv_len else 0
 
     def reset_kv_state(self) -> None:
         self.req_pool_idx = None

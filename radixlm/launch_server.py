@@ -50,6 +50,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=1, help="Tokens per KV page (default 1).")
     p.add_argument("--attention-backend", default="auto", help="auto, torch_native (triton on CUDA when available).")
     p.add_argument("--random-seed", type=int, default=0, help="Seed for weights (dummy) and unseeded sampling.")
+    p.add_argument("--grammar-backend", default="xgrammar", choices=["xgrammar", "none"],
+                   help="Backend for regex / json_schema / ebnf constraints; none disables them.")
+    p.add_argument("--disable-jump-forward", action="store_true",
+                   help="Decode grammar-forced text token by token instead of appending it at once (ablation).")
+    p.add_argument("--constrained-json-disable-any-whitespace", action="store_true",
+                   help="JSON constraints allow no free whitespace (compact separators only).")
+    p.add_argument("--constrained-json-max-whitespace", type=int, default=4,
+                   help="Longest whitespace run a JSON constraint allows (default %(default)s), so a weak model "
+                        "cannot pad its answer until max_new_tokens.")
     p.add_argument("--served-model-name", default=None, help="Model name in the OpenAI API (default: model path).")
     p.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every API route.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],

@@ -36,6 +36,11 @@ class ServerArgs:
     page_size: int = 1
     attention_backend: str = "auto"
     random_seed: int = 0
+    # structured generation
+    grammar_backend: str = "xgrammar"
+    disable_jump_forward: bool = False
+    constrained_json_disable_any_whitespace: bool = False
+    constrained_json_max_whitespace: Optional[int] = 4  # per whitespace run, so a weak model cannot pad
     # server
     host: str = "127.0.0.1"
     port: int = 30000
@@ -69,6 +74,12 @@ class ServerArgs:
             bad("schedule_policy", f"{self.schedule_policy!r} is not one of {', '.join(POLICIES)}")
         if self.attention_backend not in available_backends():
             bad("attention_backend", f"{self.attention_backend!r} is not one of {', '.join(available_backends())}")
+        from radixlm.constrained import GRAMMAR_BACKENDS
+
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            bad("grammar_backend", f"{self.grammar_backend!r} is not one of {', '.join(GRAMMAR_BACKENDS)}")
+        if self.constrained_json_max_whitespace is not None and self.constrained_json_max_whitespace < 0:
+            bad("constrained_json_max_whitespace", "must be at least 0")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             bad("load_format", f"{self.load_format!r} is not one of auto, safetensors, dummy")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -74,6 +74,20 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: Sequence[int]):
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
+        self.grammar_backend = None  # set by the scheduler when constrained decoding is enabled
+
+    def apply_grammar(self, logits: torch.Tensor, reqs: Sequence[Req]) -> None:
+        """Masks every constrained row to the tokens its grammar allows; other rows pay nothing."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return
+        bitmask = self.grammar_backend.allocate_bitmask(len(reqs))
+        for i in rows:
+            reqs[i].grammar.fill_bitmask(bitmask, i)
+        self.grammar_backend.apply_bitmask(logits, bitmask, rows)
+        dead = [i for i in rows if not torch.isfinite(logits[i]).any()]
+        for i in dead:  # another mask (min_new_tokens) removed what the grammar needs: let it end
+            logits[i, self.eos_token_ids[0] if self.eos_token_ids else 0] = 0.0
 
     def __call__(self, logits: torch.Tensor, reqs: Sequence[Req]) -> SampleOutput:
         logits = logits.float()
@@ -83,6 +97,7 @@ class Sampler:
         apply_penalties(logits, reqs)
         apply_logit_bias(logits, reqs)
         apply_min_new_tokens(logits, reqs, self.eos_token_ids)
+        self.apply_grammar(logits, reqs)
 
         greedy = [i for i, r in enumerate(reqs) if r.sampling_params.is_greedy]
         sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]

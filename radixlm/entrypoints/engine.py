@@ -142,7 +142,8 @@ class Engine:
                                                                              args.trust_remote_code)
         self.scheduler = create_scheduler(args, self.tokenizer)
         self.model_config = self.scheduler.runner.model_config
-        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len)
+        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len,
+                                      args.grammar_backend)
         self.loop = EngineLoop(self.scheduler)
         logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
                     self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)

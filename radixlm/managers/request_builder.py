@@ -9,15 +9,17 @@ from __future__ import annotations
 import uuid
 from typing import Any, List, Optional, Tuple
 
+from radixlm.constrained import check_grammar_syntax, grammar_key
 from radixlm.core import SamplingParams
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
 
 
 class RequestBuilder:
-    def __init__(self, tokenizer, vocab_size: int, context_len: int):
+    def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar"):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
+        self.grammar_backend = grammar_backend
 
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
               top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False
@@ -93,6 +95,14 @@ class RequestBuilder:
         if len(ids) >= ctx:
             raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({ctx} tokens).")
         sp.verify(vocab)
+        key = grammar_key(sp)
+        if key is not None:
+            if self.grammar_backend == "none":
+                raise ValueError(f"{key[0] if key[0] != 'json' else 'json_schema'}: constrained decoding is "
+                                 "disabled (--grammar-backend none)")
+            if self.tokenizer is None:
+                raise ValueError("constrained decoding needs a tokenizer (skip_tokenizer_init is set)")
+            check_grammar_syntax(key)
         if sp.max_new_tokens is None:
             sp.max_new_tokens = ctx - len(ids)
         elif len(ids) + sp.max_new_tokens > ctx:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_scheduler(args: ServerArgs, tokenizer=None):
+    from radixlm.constrained import create_grammar_backend
     from radixlm.engine.model_runner import ModelRunner, RunnerConfig
     from radixlm.models.model_config import ModelConfig
     from radixlm.sched.scheduler import Scheduler, SchedulerConfig
@@ -39,12 +40,26 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
         max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
         max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed,
         show_progress=args.show_progress))
-    decode_tail = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
+    decode_tail = encode_text = grammar_factory = None
+    if tokenizer is not None:
+        def decode_tail(ids):
+            return tokenizer.decode(ids)
+
+        def encode_text(text):
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        if args.grammar_backend != "none":
+            def grammar_factory():
+                return create_grammar_backend(
+                    args.grammar_backend, tokenizer, model_config.vocab_size, model_config.eos_token_ids,
+                    any_whitespace=not args.constrained_json_disable_any_whitespace,
+                    max_whitespace_cnt=args.constrained_json_max_whitespace)
     return Scheduler(runner, SchedulerConfig(
         schedule_policy=args.schedule_policy, max_running_requests=max_running,
         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
         schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
-        random_seed=args.random_seed), model_config.context_len, decode_tail)
+        random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward),
+        model_config.context_len, decode_tail, encode_text, grammar_factory)
 
 
 def scheduler_state(s) -> Dict:
@@ -63,6 +78,7 @@ def scheduler_state(s) -> Dict:
         "evictable_kv_tokens": s.tree_cache.evictable_size(),
         "protected_kv_tokens": s.tree_cache.protected_size(),
         "last_gen_throughput": s.stats.last_gen_throughput,
+        "jump_forward_tokens": s.stats.jump_forward_tokens,
     }
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from radixlm.constrained import grammar_key
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
@@ -38,6 +39,7 @@ class SchedulerConfig:
     schedule_conservativeness: float = 1.0
     disable_radix_cache: bool = False
     random_seed: int = 0
+    enable_jump_forward: bool = True
 
     def __post_init__(self):
         validate_policy(self.schedule_policy)
@@ -61,6 +63,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     last_hit_rate: float = 0.0
     last_gen_throughput: float = 0.0  # tokens/s over the last decode log interval
+    jump_forward_tokens: int = 0  # tokens appended by jump-forward instead of being decoded
 
     @property
     def cache_hit_rate(self) -> float:
@@ -70,11 +73,16 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, runner, cfg: SchedulerConfig, context_len: int,
-                 decode_tail: Optional[Callable[[Sequence[int]], str]] = None):
+                 decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
+                 encode_text: Optional[Callable[[str], List[int]]] = None,
+                 grammar_factory: Optional[Callable[[], object]] = None):
         self.runner = runner
         self.cfg = cfg
         self.context_len = context_len
-        self.decode_tail = decode_tail  # token ids -> text, for stop strings
+        self.decode_tail = decode_tail  # token ids -> text, for stop strings and jump-forward
+        self.encode_text = encode_text  # text -> token ids, for jump-forward re-tokenization
+        self._grammar_factory = grammar_factory
+        self._grammar_backend = None
         self.allocator = runner.allocator
         self.req_to_token_pool = runner.req_to_token_pool
         self.page_size = self.allocator.page_size
@@ -103,9 +111,34 @@ class Scheduler:
         if needed > self.allocator.size:
             raise ValueError(f"The input ({len(req.origin_input_ids)} tokens) needs more KV cache than the pool "
                              f"holds ({self.allocator.size} tokens); raise max_total_tokens")
+        key = grammar_key(req.sampling_params)
+        if key is not None:
+            req.grammar_future = self.grammar_backend().compile_async(key)
         req.arrival_seq = self._arrivals
         self._arrivals += 1
         self.waiting.append(req)
+
+    def grammar_backend(self):
+        """The grammar backend, created on the first constrained request."""
+        if self._grammar_backend is None:
+            if self._grammar_factory is None:
+                raise ValueError("constrained decoding is disabled (--grammar-backend none)")
+            try:
+                self._grammar_backend = self._grammar_factory()
+            except RuntimeError as e:
+                raise ValueError(str(e)) from None
+            self.runner.sampler.grammar_backend = self._grammar_backend
+        return self._grammar_backend
+
+    def _resolve_grammars(self, outputs: List[ReqOutput]) -> None:
+        """Requests whose grammar finished compiling become schedulable (or fail with its error)."""
+        for req in [r for r in self.waiting if r.grammar_future is not None and r.grammar_future.done()]:
+            fut, req.grammar_future = req.grammar_future, None
+            try:
+                req.grammar = self._grammar_backend.new_matcher(fut.result())
+            except Exception as e:  # noqa: BLE001 - a grammar the backend cannot compile
+                self.waiting.remove(req)
+                outputs.append(self._finish(req, FinishReason("abort", message=f"Invalid grammar: {e}")))
 
     def abort_request(self, rid: str) -> List[ReqOutput]:
         """Aborts a queued or running request; frees everything it held."""
@@ -148,6 +181,8 @@ class Scheduler:
         if batch is None:
             if not self.has_work():
                 self.new_token_ratio = self.init_new_token_ratio
+            elif any(r.grammar_future is not None for r in self.waiting):
+                time.sleep(0.001)  # only requests waiting for their grammar: do not spin
             return outputs
         result = self.runner.forward_and_sample(batch)
         if batch.forward_mode.is_decode:
@@ -174,6 +209,7 @@ class Scheduler:
     def _get_new_batch_prefill(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
         if not self.waiting and self.chunked_req is None:
             return None
+        self._resolve_grammars(outputs)
         reserve_running = sum(PrefillAdder.decode_reserve(r, self.new_token_ratio) for r in self.running)
         adder = PrefillAdder(
             rem_total=self.allocator.available_size() + self.tree_cache.evictable_size() - reserve_running,
@@ -198,6 +234,8 @@ class Scheduler:
                 break
             if self.req_to_token_pool.available_size() == 0:
                 break
+            if req.grammar_future is not None:  # still compiling: does not hold up the others
+                continue
             key = req.fill_ids[:-1]
             if req.wants_input_logprobs:  # prompt logprobs need the logits, so recompute from there
                 key = key[:max(req.logprob_start_len - 1, 0)]
@@ -236,7 +274,7 @@ class Scheduler:
         req.prefix_len = req.kv_len = req.cache_protected_len = prefix_len
         req.extend_len = take
         req.extend_is_first_chunk = True
-        if req.num_retractions == 0:
+        if not req.output_ids:  # a resumed request (retraction, jump-forward) re-uses its own KV
             req.cached_tokens += prefix_len
 
     def _alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:
@@ -303,6 +341,8 @@ class Scheduler:
             outputs.append(self._attach_input_logprobs(req, self._append_token(req, result, next(sampled))))
             if req.finished:
                 self._free_or_cache(req)
+            elif req.pending_tokens:
+                self._park_for_extend(req)
             else:
                 self._cache_unfinished(req)
                 self.running.append(req)
@@ -353,10 +393,12 @@ class Scheduler:
         for i, req in enumerate(batch.reqs):
             req.kv_len += 1
             outputs.append(self._append_token(req, result, i))
-        finished = [r for r in batch.reqs if r.finished]
-        for req in finished:
+        for req in [r for r in batch.reqs if r.finished or r.pending_tokens]:
             self.running.remove(req)
-            self._free_or_cache(req)
+            if req.finished:
+                self._free_or_cache(req)
+            else:
+                self._park_for_extend(req)
         self.stats.num_decode_batches += 1
         self._decode_tokens_since_log += len(batch.reqs)
         if self.stats.num_decode_batches % DECODE_LOG_INTERVAL == 0:
@@ -365,14 +407,16 @@ class Scheduler:
             self._last_decode_log, self._decode_tokens_since_log = now, 0
             self.stats.last_gen_throughput = tput
             logger.info("Decode batch, #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
-                        "%.2f, #queue-req: %d", len(self.running), sum(r.kv_len for r in self.running),
-                        self.token_usage(), tput, len(self.waiting))
+                        "%.2f, #queue-req: %d, #jump-forward-token: %d", len(self.running),
+                        sum(r.kv_len for r in self.running), self.token_usage(), tput, len(self.waiting),
+                        self.stats.jump_forward_tokens)
         return outputs
 
     # ------------------------------------------------------------------ tokens and finishing
     def _append_token(self, req: Req, result, i: int) -> ReqOutput:
         tid = result.next_token_ids[i]
         req.output_ids.append(tid)
+        new_ids = [tid]
         self.stats.generated_tokens += 1
         lp = tlp = None
         if req.return_logprob:
@@ -380,11 +424,61 @@ class Scheduler:
             tlp = [result.top_logprobs[i] or []]
             req.output_logprobs.extend(lp)
             req.output_top_logprobs.extend(tlp)
-        reason = self._check_finished(req)
+        reason = None
+        if req.grammar is not None and not req.grammar.accept_token(tid):
+            reason = FinishReason("abort", message=f"the grammar rejected token {tid}")
+        if reason is None:
+            reason = self._check_finished(req)
+        if reason is None and req.grammar is not None:
+            if req.grammar.is_terminated():
+                reason = FinishReason("stop", matched=tid)
+            elif self.cfg.enable_jump_forward and not req.return_logprob:
+                new_ids = self._jump_forward(req) or new_ids
+                if len(new_ids) > 1:
+                    reason = self._check_finished(req)
         if reason is not None:
             req.finished_reason = reason
-        return ReqOutput(req.rid, [tid], reason, len(req.origin_input_ids), len(req.output_ids),
+        return ReqOutput(req.rid, new_ids, reason, len(req.origin_input_ids), len(req.output_ids),
                          req.cached_tokens, lp, tlp, req.num_retractions)
+
+    def _jump_forward(self, req: Req) -> Optional[List[int]]:
+        """When the grammar allows exactly one continuation string, appends its tokens now (they are
+        computed by one extend instead of one decode step each). The last sampled token has no KV
+        yet, so it is re-tokenized together with the string: the boundary comes out as the
+        tokenizer would write it. Returns the tokens that replace the last one, or None."""
+        if self.encode_text is None or self.decode_tail is None:
+            return None
+        jump = req.grammar.jump_forward_string()
+        budget = req.max_new_tokens - len(req.output_ids)
+        if not jump or budget <= 0:
+            return None
+        g, tid = req.grammar, req.output_ids[-1]
+        g.rollback(1)
+        for cand in (self.encode_text(self.decode_tail([tid]) + jump)[:budget + 1],
+                     [tid] + self.encode_text(jump)[:budget]):
+            accepted = 0
+            for t in cand:
+                if not g.accept_token(t):
+                    break
+                accepted += 1
+            if accepted == len(cand) and len(cand) > 1:
+                req.output_ids[-1:] = cand
+                req.jump_forward_tokens += len(cand) - 1
+                self.stats.jump_forward_tokens += len(cand) - 1
+                return cand
+            g.rollback(accepted)
+        g.accept_token(tid)
+        return None
+
+    def _park_for_extend(self, req: Req) -> None:
+        """A request holding jump-forward tokens goes back to the queue with its computed KV in the
+        radix cache; its next admission hits that prefix and extends the new tokens at once."""
+        if self.tree_cache.disable:
+            self._free_req_kv(req)
+        else:
+            self._free_or_cache(req)
+        req.reset_kv_state()
+        self.waiting.append(req)
 
     def _attach_input_logprobs(self, req: Req, out: ReqOutput) -> ReqOutput:
         """Hands the prompt logprobs out once, with the request's first output."""

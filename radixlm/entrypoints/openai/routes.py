@@ -1,8 +1,51 @@
-"""OpenAI-compatible routes (placeholder until the OpenAI layer lands)."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+Request bodies are validated by the pydantic models in protocol.py (a wrong type or range -> the
+app's 400 handler). A `BadRequest` or the RequestBuilder's ValueError -> 400 in OpenAI's error
+shape with `param` when known; ServiceUnavailable -> the app's 503 handler. The `model` field is
+accepted whatever its value, as SGLang does (one model per server); responses echo it back.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from radixlm.entrypoints.http_server import error_json
+from radixlm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from radixlm.entrypoints.openai.serving_chat import create_chat_completion
+from radixlm.entrypoints.openai.serving_completions import create_completion
 
 
-def register_openai_routes(app, tm) -> None:
+
+def register_openai_routes(app: FastAPI, tm) -> None:
+    import time
+
+    created = int(time.time())
+
+    def card():
+        return {"id": tm.served_model_name, "object": "model", "created": created, "owned_by": "sglang",
+                "root": tm.served_model_name, "parent": None, "max_model_len": tm.model_config.context_len}
+
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": tm.served_model_name, "object": "model", "owned_by": "radixlm",
-                                            "max_model_len": tm.model_config.context_len}]}
+    async def list_models():
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str):
+        if model != tm.served_model_name:
+            return error_json(f"The model `{model}` does not exist.", 404, "NotFoundError", param="model")
+        return card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        try:
+            return await create_completion(request, tm, body)
+        except ValueError as e:
+            return error_json(str(e), 400, param=getattr(e, "param", None))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        try:
+            return await create_chat_completion(request, tm, body)
+        except ValueError as e:
+            return error_json(str(e), 400, param=getattr(e, "param", None))

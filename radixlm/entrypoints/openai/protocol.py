@@ -1,0 +1,104 @@
+"""Pydantic request models of the OpenAI-compatible API (SGLang's field names and defaults).
+
+Unknown fields are ignored, as OpenAI does; a field of the wrong type or out of range fails FastAPI's
+body validation, which the app answers with a 400 in OpenAI's error shape (param = the field path).
+Checks that need the model (context length, vocabulary) happen later, in the RequestBuilder.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ResponseFormat(_Model):
+    type: str = "text"
+
+
+class SamplingFields(_Model):
+    """Fields shared by /v1/completions and /v1/chat/completions (None = the default)."""
+
+    model: Optional[str] = None
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = None
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    n: Optional[int] = Field(None, ge=1, le=128)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    logit_bias: Optional[Dict[str, float]] = None
+    min_tokens: Optional[int] = Field(None, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    rid: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
+    # constrained decoding (SGLang extensions): rejected with a clear 400 until a grammar backend exists
+    regex: Optional[str] = None
+    json_schema: Optional[Any] = None
+    ebnf: Optional[str] = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any  # str | [str] | [int] | [[int]], checked below for a clear message
+    max_tokens: Optional[int] = Field(16, ge=0)
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_form(cls, v: Any) -> Any:
+        def ints(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(v, str) or (isinstance(v, list) and v and (
+                all(isinstance(p, str) for p in v) or ints(v) or all(ints(p) for p in v))):
+            return v
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt list is empty")
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of such lists")
+
+
+class ContentPart(_Model):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, List[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: List[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=0)  # deprecated by OpenAI; max_completion_tokens wins
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    functions: Optional[List[Dict[str, Any]]] = None
+    function_call: Optional[Union[str, Dict[str, Any]]] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
