@@ -115,6 +115,8 @@ class SamplingParams:
             raise ValueError("n must be at least 1")
         if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)):
             raise ValueError(f"sampling_seed must be an integer, got {self.sampling_seed!r}")
+        if self.sampling_seed is not None and not (-(2**63) <= self.sampling_seed < 2**63):
+            raise ValueError("sampling_seed must be a 64-bit integer")
         if self.stop is not None:
             stops = [self.stop] if isinstance(self.stop, str) else self.stop
             if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -124,6 +126,8 @@ class SamplingParams:
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
             ):
                 raise ValueError("stop_token_ids must be a list of non-negative integers")
+            if vocab_size is not None and any(t >= vocab_size for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be in [0, {vocab_size - 1}]")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError("logit_bias must be a dict {token_id: bias}")

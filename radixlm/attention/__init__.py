@@ -14,7 +14,12 @@ def _torch_native():
     return TorchNativeAttnBackend
 
 
-_REGISTRY: Dict[str, Callable[[], type]] = {"torch_native": _torch_native}
+def _triton():
+    from radixlm.attention.triton_backend import TritonAttnBackend
+    return TritonAttnBackend
+
+
+_REGISTRY: Dict[str, Callable[[], type]] = {"torch_native": _torch_native, "triton": _triton}
 
 
 def available_backends():

@@ -202,89 +202,50 @@ class Engine:
 
         With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
         hold only what is new, with "index" saying which output they belong to."""
-        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
-                                      logprob_start_len)
-        pend = {r.rid: self._pending(r) for r in reqs}
+        call = self._start(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                           logprob_start_len)
         q: "queue.Queue" = queue.Queue()
-        self.loop.submit(reqs, q.put)
+        self.loop.submit(call.reqs, q.put)
         if stream:
-            return self._stream(q, reqs, pend)
-        left = len(reqs)
-        while left:
-            item = q.get()
-            if isinstance(item, BaseException):  # fail the whole call; free the rest
-                for r in reqs:
-                    self.loop.abort(r.rid)
-                raise item
-            self._absorb(pend[item.rid], item)
-            left -= item.finished_reason is not None
-        results = [self._result(pend[r.rid]) for r in reqs]
-        return results if batched or len(results) > 1 else results[0]
+            return self._stream(call, q.get)
+        while call.left:
+            call.feed(q.get())
+        return call.results()
 
-    def _stream(self, q: "queue.Queue", reqs: List[Req], pend: Dict[str, _Pending]) -> Iterator[Dict[str, Any]]:
-        index = {r.rid: i for i, r in enumerate(reqs)}
-        left = len(reqs)
+    def _stream(self, call: "_Call", get) -> Iterator[Dict[str, Any]]:
         try:
-            while left:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                p = pend[item.rid]
-                delta = self._absorb(p, item)
-                left -= item.finished_reason is not None
-                chunk = self._result(p, text=delta)
-                chunk["output_ids"] = list(item.new_token_ids)
-                chunk["index"] = index[item.rid]
-                yield chunk
+            while call.left:
+                yield call.feed(get())
         finally:
-            if left:  # the consumer stopped early: free what the requests hold
-                for r in reqs:
-                    self.loop.abort(r.rid)
+            call.abort_rest()
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
                              rid=None, logprob_start_len: int = -1):
         """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
-        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
-                                      logprob_start_len)
-        pend = {r.rid: self._pending(r) for r in reqs}
+        call = self._start(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                           logprob_start_len)
         aloop = asyncio.get_running_loop()
         aq: "asyncio.Queue" = asyncio.Queue()
-        self.loop.submit(reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
+        self.loop.submit(call.reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
         if stream:
-            return self._astream(aq, reqs, pend)
-        left = len(reqs)
-        while left:
-            item = await aq.get()
-            if isinstance(item, BaseException):
-                for r in reqs:
-                    self.loop.abort(r.rid)
-                raise item
-            self._absorb(pend[item.rid], item)
-            left -= item.finished_reason is not None
-        results = [self._result(pend[r.rid]) for r in reqs]
-        return results if batched or len(results) > 1 else results[0]
+            return self._astream(call, aq)
+        while call.left:
+            call.feed(await aq.get())
+        return call.results()
 
-    async def _astream(self, aq: "asyncio.Queue", reqs: List[Req], pend: Dict[str, _Pending]
-                       ) -> AsyncIterator[Dict[str, Any]]:
-        index = {r.rid: i for i, r in enumerate(reqs)}
-        left = len(reqs)
+    async def _astream(self, call: "_Call", aq: "asyncio.Queue") -> AsyncIterator[Dict[str, Any]]:
         try:
-            while left:
-                item = await aq.get()
-                if isinstance(item, BaseException):
-                    raise item
-                p = pend[item.rid]
-                delta = self._absorb(p, item)
-                left -= item.finished_reason is not None
-                chunk = self._result(p, text=delta)
-                chunk["output_ids"] = list(item.new_token_ids)
-                chunk["index"] = index[item.rid]
-                yield chunk
+            while call.left:
+                yield call.feed(await aq.get())
         finally:
-            if left:
-                for r in reqs:
-                    self.loop.abort(r.rid)
+            call.abort_rest()
+
+    def _start(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+               logprob_start_len) -> "_Call":
+        reqs, batched = self._prepare(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
+                                      logprob_start_len)
+        return _Call(self, reqs, batched)
 
     def abort_request(self, rid: str) -> None:
         self.loop.abort(rid)
@@ -307,3 +268,36 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+class _Call:
+    """One generate call's requests on the client side: folds outputs in, knows when it is done,
+    and frees what is left when the caller stops early or a request fails."""
+
+    def __init__(self, engine: Engine, reqs: List[Req], batched: bool):
+        self.engine, self.reqs, self.batched = engine, reqs, batched
+        self.pend = {r.rid: engine._pending(r) for r in reqs}
+        self.index = {r.rid: i for i, r in enumerate(reqs)}
+        self.left = len(reqs)
+
+    def feed(self, item) -> Dict[str, Any]:
+        """Absorbs one output; returns the increment (text delta, new ids, index)."""
+        if isinstance(item, BaseException):  # fail the whole call; free the rest
+            self.abort_rest()
+            raise item
+        p = self.pend[item.rid]
+        delta = self.engine._absorb(p, item)
+        self.left -= item.finished_reason is not None
+        chunk = self.engine._result(p, text=delta)
+        chunk["output_ids"] = list(item.new_token_ids)
+        chunk["index"] = self.index[item.rid]
+        return chunk
+
+    def abort_rest(self) -> None:
+        if self.left:
+            for r in self.reqs:
+                self.engine.loop.abort(r.rid)
+
+    def results(self):
+        out = [self.engine._result(self.pend[r.rid]) for r in self.reqs]
+        return out if self.batched or len(out) > 1 else out[0]

@@ -157,20 +157,32 @@ class SchedulerLoop:
                 self.handle(decode(data))
                 block = False
             if self.scheduler.has_work():
-                self.emit(self.scheduler.step())
+                try:
+                    self.emit(self.scheduler.step())
+                except Exception as e:  # noqa: BLE001 - a failing batch must not take the server down
+                    logger.exception("scheduler step failed; aborting the requests in flight")
+                    self.abort_everything(f"internal error in the scheduler: {type(e).__name__}: {e}")
             else:
                 self.scheduler.check_integrity()
+
+    def abort_everything(self, message: str) -> None:
+        s = self.scheduler
+        outs = []
+        for rid in [r.rid for r in s.live_reqs() + list(s.waiting)]:
+            for o in s.abort_request(rid):
+                o.finished_reason = FinishReason("abort", message=message)
+                outs.append(o)
+        self.emit(outs)
 
     def handle(self, msg) -> None:
         s = self.scheduler
         if isinstance(msg, TokenizedGenerateReqInput):
-            req = to_req(msg)
-            self.detok_params[req.rid] = detok_params_of(req.sampling_params)
             try:
+                req = to_req(msg)
+                self.detok_params[req.rid] = detok_params_of(req.sampling_params)
                 s.add_request(req)
-            except ValueError as e:
-                self.emit([ReqOutput(req.rid, [], FinishReason("abort", message=str(e)), len(req.origin_input_ids),
-                                     0, 0)])
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                self.emit([ReqOutput(msg.rid, [], FinishReason("abort", message=str(e)), len(msg.input_ids), 0, 0)])
         elif isinstance(msg, AbortReq):
             rids = [r.rid for r in s.live_reqs() + list(s.waiting)] if msg.abort_all else [msg.rid]
             for rid in rids:

@@ -42,7 +42,7 @@ def dot(a, b, IEEE: tl.constexpr):
 # twice behind the constexpr LOOP_WHILE: `for ... in range(lo, hi, step)` for the compiler (it
 # software-pipelines for-loops), a `while` loop under the interpreter (Triton 3.6's interpreter
 # cannot take a loaded scalar as a range bound with NumPy >= 2.3). One shared body per loop below.
-LOOP_WHILE: bool = INTERPRETED
+LOOP_WHILE = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.attention.triton_kernels.common import block_d, dot, next_pow2
+from radixlm.attention.triton_kernels.common import LOOP_WHILE, block_d, gathered_block, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -56,29 +56,39 @@ def _decode_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + offs_nb
-        mask_n = offs_n < end
-        slots = tl.load(ReqToToken + row * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(KBuf + slots[None, :] * stride_kbs + kv_head * stride_kbh + offs_d[:, None],
-                    mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        qk = dot(q, k.to(q.dtype), IEEE) * sm_scale_log2
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VBuf + slots[:, None] * stride_vbs + kv_head * stride_vbh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), IEEE)
-        m_i = m_new
+    slot_row = ReqToToken + row * stride_r2t
+    k_head = KBuf + kv_head * stride_kbh
+    v_head = VBuf + kv_head * stride_vbh
+    if LOOP_WHILE:
+        start_n = start
+        while start_n < end:
+            m_i, l_i, acc = gathered_block(start_n, end, q, m_i, l_i, acc, slot_row, k_head, v_head,
+                                           stride_kbs, stride_vbs, offs_nb, offs_d, mask_d, sm_scale_log2, IEEE)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            m_i, l_i, acc = gathered_block(start_n, end, q, m_i, l_i, acc, slot_row, k_head, v_head,
+                                           stride_kbs, stride_vbs, offs_nb, offs_d, mask_d, sm_scale_log2, IEEE)
 
-    nonempty = end > start
+    keep_h = mask_h & ((start + offs_h * 0) < end)  # nothing to write for an empty split
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     mo = MidO + b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
-    tl.store(mo, acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :] & nonempty)
+    tl.store(mo, acc / l_safe[:, None], mask=keep_h[:, None] & mask_d[None, :])
     ml = MidLse + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split
-    tl.store(ml, m_i + tl.log2(l_safe), mask=mask_h & nonempty)
+    tl.store(ml, m_i + tl.log2(l_safe), mask=keep_h)
+
+
+@triton.jit
+def _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d, stride_mos):
+    """Folds split s's partial output and log-sum-exp into the running (max, sum, acc); empty
+    splits (those starting at or past seq) load lse = -inf and weigh nothing."""
+    lo = s * split_len
+    lse = tl.load(ml + s + zero1, mask=(lo + zero1) < seq, other=float("-inf"))
+    o = tl.load(mo + s * stride_mos + offs_d, mask=mask_d & ((lo + offs_d * 0) < seq), other=0.0)
+    m_new = tl.maximum(m_run, lse)
+    alpha = tl.exp2(m_run - m_new)
+    w = tl.exp2(lse - m_new)
+    return m_new, l_run * alpha + w, acc * alpha + o * w
 
 
 @triton.jit
@@ -99,16 +109,17 @@ def _decode_stage2_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     mo = MidO + b.to(tl.int64) * stride_mob + head * stride_moh
     ml = MidLse + b.to(tl.int64) * stride_mlb + head * stride_mlh
-    for s in range(0, num_splits):
-        valid = s * split_len < seq
-        lse = tl.load(ml + s + tl.zeros([1], dtype=tl.int32), mask=valid, other=float("-inf"))
-        o = tl.load(mo + s * stride_mos + offs_d, mask=mask_d & valid, other=0.0)
-        m_new = tl.maximum(m_run, lse)
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + o * w
-        l_run = l_run * alpha + w
-        m_run = m_new
+    zero1 = tl.zeros([1], dtype=tl.int32)
+    if LOOP_WHILE:
+        s = num_splits * 0
+        while s < num_splits:
+            m_run, l_run, acc = _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
+                                             stride_mos)
+            s += 1
+    else:
+        for s in range(0, num_splits):
+            m_run, l_run, acc = _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
+                                             stride_mos)
     out = acc / l_run
     tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
 

@@ -38,18 +38,31 @@ def now() -> int:
     return int(time.time())
 
 
-def check_unsupported(req: SamplingFields) -> None:
-    """Constrained decoding is not built yet: say so instead of silently ignoring the request."""
+def constraint(req: SamplingFields) -> Dict[str, Any]:
+    """response_format / regex / json_schema / ebnf -> the sampling params' constraint (the grammar
+    backend compiles it; --grammar-backend none makes the builder refuse it with a 400)."""
+    out: Dict[str, Any] = {k: getattr(req, k) for k in ("regex", "json_schema", "ebnf") if getattr(req, k) is not None}
     rf = req.response_format
-    if rf is not None and rf.type != "text":
-        raise BadRequest(f"response_format {rf.type} is not supported yet (no constrained-decoding backend); "
-                         "omit response_format or use {\"type\": \"text\"}", "response_format")
-    for name in ("regex", "json_schema", "ebnf"):
-        if getattr(req, name) is not None:
-            raise BadRequest(f"{name} is not supported yet (no constrained-decoding backend)", name)
+    if rf is None or rf.type == "text":
+        return out
+    if out:
+        raise BadRequest(f"response_format cannot be combined with {', '.join(out)}", "response_format")
+    if rf.type == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if rf.type == "json_schema":
+        schema = (rf.json_schema or {}).get("schema", (rf.model_extra or {}).get("schema"))
+        if schema is None:
+            raise BadRequest("response_format.json_schema.schema is required", "response_format")
+        return {"json_schema": schema}
+    raise BadRequest(f"response_format {rf.type} is not supported (use text, json_object or json_schema)",
+                     "response_format")
 
 
-def sampling_params(req: SamplingFields, max_new_tokens: Optional[int]) -> Dict[str, Any]:
+def sampling_params(req: SamplingFields, max_new_tokens: Optional[int], vocab_size: int) -> Dict[str, Any]:
+    bad = next((t for t in req.stop_token_ids or [] if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise BadRequest(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                         "stop_token_ids")
     sp = {
         "max_new_tokens": max_new_tokens, "min_new_tokens": req.min_tokens, "temperature": req.temperature,
         "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p, "n": req.n, "sampling_seed": req.seed,
@@ -58,6 +71,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: Optional[int]) -> Dict[
         "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias, "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens, "no_stop_trim": req.no_stop_trim,
     }
+    sp.update(constraint(req))
     return {k: v for k, v in sp.items() if v is not None}
 
 
@@ -100,18 +114,20 @@ def abort_error(states: List[ReqState]) -> Optional[Response]:
 async def wait_or_abort(request: Request, tm: TokenizerManager, states: List[ReqState]) -> Optional[Response]:
     """Waits for every state to finish; aborts them all if the client goes away (returns a 499)."""
     task = asyncio.ensure_future(tm.wait_all(states))
+    gone = False
     try:
         while not task.done():
             await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
-                task.cancel()
-                await tm.release(states)
-                return Response(status_code=499)
-        task.result()
+                gone = True
+                break
     finally:
-        if not task.done():  # the handler itself was cancelled
+        if not task.done():  # client gone, or the handler itself was cancelled
             task.cancel()
             await tm.release(states)
+    if gone:
+        return Response(status_code=499)
+    task.result()
     return None
 
 

@@ -52,25 +52,34 @@ def token_bytes(tm: TokenizerManager, token_id: int, text: str) -> List[int]:
     return list(text.encode("utf-8"))
 
 
-def completion_logprobs(tm: TokenizerManager, st: ReqState, lp_from: int, lp_to: int, offset: int
-                        ) -> Dict[str, Any]:
-    """Entries lp_from:lp_to; `offset` is the text offset of the first token."""
+def completion_logprobs(tm: TokenizerManager, st: ReqState, lp_from: int, lp_to: int, offset: int,
+                        prompt: bool = False) -> Dict[str, Any]:
+    """Output entries lp_from:lp_to, after the prompt's entries when `prompt` (echo; the first prompt
+    token has no logprob: None). `offset` is the text offset of the first token."""
     with_top = st.msg.top_logprobs_num > 0
-    tokens, lps, tops, offsets = [], [], [], []
+    entries = []
+    if prompt:
+        tops = st.input_top_logprobs or []
+        for k, (lp, tid) in enumerate(st.input_logprobs or []):
+            entries.append((lp, tid, tops[k] if k < len(tops) else None))
     for k in range(lp_from, lp_to):
-        lp, tid = st.logprobs[k]
+        entries.append((*st.logprobs[k], st.top_logprobs[k] if k < len(st.top_logprobs) else []))
+    tokens, lps, top_out, offsets = [], [], [], []
+    for lp, tid, top in entries:
         s = tm.decode_one(tid)
         tokens.append(s)
         lps.append(lp)
         offsets.append(offset)
         offset += len(s)
         if with_top:
-            top = st.top_logprobs[k] if k < len(st.top_logprobs) else []
+            if top is None:
+                top_out.append(None)
+                continue
             d: Dict[str, float] = {}
             for v, t in top:  # highest first; two ids may decode to the same text: keep the best
                 d.setdefault(tm.decode_one(t), v)
-            tops.append(d)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if with_top else None,
+            top_out.append(d)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out if with_top else None,
             "text_offset": offsets}
 
 

@@ -22,7 +22,12 @@ class StreamOptions(_Model):
 
 
 class ResponseFormat(_Model):
+    """{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}};
+    SGLang also takes the schema at the top level ({"type": "json_schema", "schema": {...}})."""
+
+    model_config = ConfigDict(extra="allow")
     type: str = "text"
+    json_schema: Optional[Dict[str, Any]] = None
 
 
 class SamplingFields(_Model):
@@ -34,7 +39,7 @@ class SamplingFields(_Model):
     top_k: Optional[int] = None
     min_p: Optional[float] = Field(None, ge=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=128)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
     stop: Optional[Union[str, List[str]]] = None
     stop_token_ids: Optional[List[int]] = None
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
@@ -50,7 +55,7 @@ class SamplingFields(_Model):
     user: Optional[str] = None
     rid: Optional[str] = None
     response_format: Optional[ResponseFormat] = None
-    # constrained decoding (SGLang extensions): rejected with a clear 400 until a grammar backend exists
+    # constrained decoding (SGLang extensions), at most one of them or response_format
     regex: Optional[str] = None
     json_schema: Optional[Any] = None
     ebnf: Optional[str] = None

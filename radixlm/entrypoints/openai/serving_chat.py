@@ -2,8 +2,9 @@
 
 The template output already holds the special tokens, so it is encoded with add_special_tokens=False.
 Streaming sends, per choice, a first chunk `delta: {role: assistant, content: ""}`, then content
-deltas; the last chunk of a choice carries its finish_reason. Tools and constrained response formats
-are refused with a 400 (no tool-call parser or grammar backend yet) rather than silently ignored.
+deltas; the last chunk of a choice carries its finish_reason. response_format json_object /
+json_schema constrain decoding through the grammar backend; tools are refused with a 400 (no
+tool-call parser yet) rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ def render_prompt(tm: TokenizerManager, req: ChatCompletionRequest) -> List[int]
 
 
 def _build(tm: TokenizerManager, req: ChatCompletionRequest):
-    common.check_unsupported(req)
     _check_tools(req)
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -80,8 +80,8 @@ def _build(tm: TokenizerManager, req: ChatCompletionRequest):
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # bounded only by the context
         max_tokens = max(tm.model_config.context_len - len(ids), 0)
-    msgs, _ = tm.builder.build(input_ids=ids, sampling_params=common.sampling_params(req, max_tokens), rid=req.rid,
-                               return_logprob=req.logprobs,
+    sp = common.sampling_params(req, max_tokens, tm.model_config.vocab_size)
+    msgs, _ = tm.builder.build(input_ids=ids, sampling_params=sp, rid=req.rid, return_logprob=req.logprobs,
                                top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0, stream=req.stream)
     return msgs
 

@@ -2,7 +2,8 @@
 
 prompt (str | [str] | [int] | [[int]]) -> RequestBuilder (validation, n samples per prompt) -> submit
 -> one JSON response, or SSE chunks `text_completion` with text deltas. Choices are prompt-major:
-choice index = prompt_index * n + sample_index.
+choice index = prompt_index * n + sample_index. echo prepends the prompt's text; with logprobs it
+also prepends the prompt tokens' logprobs (logprob_start_len 0; the first token's is null).
 """
 
 from __future__ import annotations
@@ -31,17 +32,16 @@ def _split_prompt(prompt: Any) -> Dict[str, Any]:
 
 
 def _build(tm: TokenizerManager, req: CompletionRequest):
-    common.check_unsupported(req)
     if req.suffix:
         raise BadRequest("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise BadRequest("best_of is not supported (it must equal n)", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise BadRequest("echo with logprobs is not supported yet: prompt logprobs are not available", "echo")
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    msgs, _ = tm.builder.build(**_split_prompt(req.prompt), sampling_params=common.sampling_params(req, max_tokens),
-                               rid=req.rid, return_logprob=req.logprobs is not None,
-                               top_logprobs_num=req.logprobs or 0, stream=req.stream)
+    sp = common.sampling_params(req, max_tokens, tm.model_config.vocab_size)
+    msgs, _ = tm.builder.build(**_split_prompt(req.prompt), sampling_params=sp, rid=req.rid,
+                               return_logprob=req.logprobs is not None, top_logprobs_num=req.logprobs or 0,
+                               logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
+                               stream=req.stream)
     return msgs
 
 
@@ -74,7 +74,7 @@ async def create_completion(request: Request, tm: TokenizerManager, req: Complet
     for i, st in enumerate(states):
         lp = None
         if req.logprobs is not None:
-            lp = completion_logprobs(tm, st, 0, common.logprob_end(st), len(echo[i]))
+            lp = completion_logprobs(tm, st, 0, common.logprob_end(st), 0, prompt=req.echo)
         choices.append({"index": i, "text": echo[i] + st.text, "logprobs": lp,
                         "finish_reason": common.finish_reason(st), "matched_stop": common.matched_stop(st)})
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -83,20 +83,21 @@ async def create_completion(request: Request, tm: TokenizerManager, req: Complet
 
 def _stream(tm: TokenizerManager, req: CompletionRequest, states: List[ReqState], rid: str, created: int,
             model: str, echo: List[str]):
-    offsets = [len(e) for e in echo]
+    offsets = [0] * len(states)
     echoed = [False] * len(states)
 
     def chunk(choices: list) -> Dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
 
     def make_chunk(i: int, st: ReqState, delta: str, lp_from: int, lp_to: int, finish: Optional[str]):
-        if not echoed[i]:
+        first = not echoed[i]
+        if first:
             delta, echoed[i] = echo[i] + delta, True
-        if not delta and lp_to == lp_from and finish is None:
+        if not delta and lp_to == lp_from and finish is None and not (first and req.echo):
             return None
         lp = None
         if req.logprobs is not None:
-            lp = completion_logprobs(tm, st, lp_from, lp_to, offsets[i])
+            lp = completion_logprobs(tm, st, lp_from, lp_to, offsets[i], prompt=first and req.echo)
             offsets[i] += sum(len(t) for t in lp["tokens"])
         c = {"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}
         if finish is not None:

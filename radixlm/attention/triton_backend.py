@@ -1,0 +1,204 @@
+"""triton attention: Triton kernels over the paged KV pool (`--attention-backend triton`).
+
+Per step, `init_forward_metadata` computes everything the kernels need once (extend: the query
+start offsets and the list of (request, query-row block) tiles; decode: the number of KV splits and
+the stage-1 scratch buffers); per layer, `forward_*` only launches kernels:
+  extend: KV store, then `extend_attention_fwd` (prefix through req_to_token + new tokens causally)
+  decode: KV store, then `decode_attention_fwd` (split-KV stage 1 per (request, kv head, split) with
+          the GQA group's q heads together, stage 2 merge).
+Kernel designs are described in `radixlm/attention/triton_kernels/`.
+
+On CUDA the kernels compile. On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1,
+set here on first use if the kernels are not imported yet): correct but slow, for tests only;
+`auto` never picks this backend on CPU. Needs the `triton` package (CUDA builds of torch ship it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from radixlm.attention.base import AttentionBackend
+from radixlm.forward_context import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+_KERNELS_MODULE = "radixlm.attention.triton_kernels"
+
+
+def extend_config(head_dim: int, cuda: bool) -> dict:
+    """Extend kernel launch parameters. CPU (interpreter): few, mid-sized programs."""
+    if not cuda:
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return dict(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
+def decode_config(head_dim: int, cuda: bool) -> dict:
+    if not cuda:
+        return dict(block_n=32, num_warps=4, num_stages=1)
+    return dict(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
+@dataclass
+class _ExtendMeta:
+    qo_start: torch.Tensor  # [B] int32: first row of each request in q
+    tile_req: torch.Tensor  # [num_tiles] int32
+    tile_m: torch.Tensor  # [num_tiles] int32: first query row (within the request) of the tile
+    cfg: dict
+
+
+@dataclass
+class _DecodeMeta:
+    num_splits: int
+    cfg: dict
+    mid: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (mid_o [B, Hq, S, D], mid_lse [B, Hq, S])
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class TritonAttnBackend(AttentionBackend):
+    """Options (all optional; defaults depend on the device):
+    extend_block_m / extend_block_n / decode_block_n: block sizes;
+    num_kv_splits: a fixed number of decode KV splits (default: chosen per step);
+    max_kv_splits, min_tokens_per_split: bounds of that choice."""
+
+    def __init__(self, extend_block_m: Optional[int] = None, extend_block_n: Optional[int] = None,
+                 decode_block_n: Optional[int] = None, num_kv_splits: Optional[int] = None,
+                 max_kv_splits: Optional[int] = None, min_tokens_per_split: Optional[int] = None, **_unused):
+        if importlib.util.find_spec("triton") is None:
+            raise RuntimeError("attention backend 'triton' needs the `triton` package (pip install triton); "
+                               "use --attention-backend torch_native otherwise")
+        self.overrides = dict(extend_block_m=extend_block_m, extend_block_n=extend_block_n,
+                              decode_block_n=decode_block_n)
+        self.num_kv_splits = num_kv_splits
+        self.max_kv_splits = max_kv_splits
+        self.min_tokens_per_split = min_tokens_per_split
+        self._k = None  # the kernels package, imported on first use
+        self._num_q_heads: Optional[int] = None  # learnt at the first decode layer, then preallocated
+        self._sm: Optional[int] = None
+        self._extend: Optional[_ExtendMeta] = None
+        self._decode: Optional[_DecodeMeta] = None
+
+    # ------------------------------------------------------------------ set-up
+    def _kernels(self, device: torch.device):
+        if self._k is None:
+            if device.type == "cpu" and _KERNELS_MODULE not in sys.modules \
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                logger.warning("triton attention on CPU: running the kernels in Triton's interpreter "
+                               "(TRITON_INTERPRET=1); this is for testing and is slow")
+                os.environ["TRITON_INTERPRET"] = "1"
+            import radixlm.attention.triton_kernels as k
+            self._k = k
+        if device.type == "cpu" and not self._k.INTERPRETED:
+            raise RuntimeError("triton attention got CPU tensors but its kernels were compiled for the GPU; set "
+                               "TRITON_INTERPRET=1 before importing them, or use --attention-backend torch_native")
+        return self._k
+
+    def _extend_cfg(self, head_dim: int, cuda: bool) -> dict:
+        cfg = extend_config(head_dim, cuda)
+        if self.overrides["extend_block_m"]:
+            cfg["block_m"] = self.overrides["extend_block_m"]
+        if self.overrides["extend_block_n"]:
+            cfg["block_n"] = self.overrides["extend_block_n"]
+        return cfg
+
+    def _decode_cfg(self, head_dim: int, cuda: bool) -> dict:
+        cfg = decode_config(head_dim, cuda)
+        if self.overrides["decode_block_n"]:
+            cfg["block_n"] = self.overrides["decode_block_n"]
+        return cfg
+
+    def _choose_num_splits(self, batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+        """Enough (request, kv head, split) programs to fill the GPU (~2 waves), each split keeping at
+        least `min_tokens_per_split` tokens of the longest request."""
+        if self.num_kv_splits:
+            return int(self.num_kv_splits)
+        cuda = device.type == "cuda"
+        min_tokens = self.min_tokens_per_split or (64 if cuda else 16)
+        max_splits = self.max_kv_splits or (32 if cuda else 4)
+        by_len = -(-max_len // min_tokens)
+        if cuda:
+            if self._sm is None:
+                self._sm = _sm_count(device)
+            by_occupancy = -(-2 * self._sm // max(1, batch * num_kv_heads))
+        else:
+            by_occupancy = max_splits
+        return max(1, min(by_len, by_occupancy, max_splits))
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        device = fb.seq_lens.device
+        k = self._kernels(device)
+        pool = fb.token_to_kv_pool
+        cuda = device.type == "cuda"
+        if fb.forward_mode.is_decode:
+            self._extend = None
+            splits = self._choose_num_splits(fb.batch_size, pool.num_kv_heads, fb.max_seq_len, device)
+            meta = _DecodeMeta(splits, self._decode_cfg(pool.head_dim, cuda))
+            if self._num_q_heads is not None:
+                meta.mid = k.decode_attention.decode_buffers(fb.batch_size, self._num_q_heads, splits, pool.head_dim,
+                                                             device)
+            self._decode = meta
+        else:
+            self._decode = None
+            cfg = self._extend_cfg(pool.head_dim, cuda)
+            qo_start, acc = [], 0
+            for n in fb.extend_seq_lens_cpu:
+                qo_start.append(acc)
+                acc += int(n)
+            tile_req, tile_m = k.extend_attention.extend_tiles(fb.extend_seq_lens_cpu, cfg["block_m"])
+            packed = torch.tensor(qo_start + tile_req + tile_m, dtype=torch.int32)
+            packed = packed.to(device, non_blocking=True)
+            b, n = len(qo_start), len(tile_req)
+            self._extend = _ExtendMeta(packed[:b], packed[b:b + n], packed[b + n:], cfg)
+
+    # ------------------------------------------------------------------ per layer
+    def _store(self, k, v, layer, fb: ForwardBatch):
+        k_buf, v_buf = fb.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        self._k.store_kv(k, v, fb.out_cache_loc, k_buf, v_buf)
+        return k_buf, v_buf
+
+    def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        meta = self._extend
+        if meta is None:
+            raise RuntimeError("init_forward_metadata() was not called for this extend batch")
+        hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        k_buf, v_buf = self._store(k, v, layer, fb)
+        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hk, d), v.view(-1, hk, d)
+        o = torch.empty((q3.shape[0], hq, d), dtype=q.dtype, device=q.device)
+        cfg = meta.cfg
+        self._k.extend_attention_fwd(
+            q3, k3, v3, o, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
+            fb.extend_prefix_lens, meta.qo_start, fb.extend_seq_lens, meta.tile_req, meta.tile_m, layer.scaling,
+            block_m=cfg["block_m"], block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return o.view(-1, hq * d)
+
+    def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
+        meta = self._decode
+        if meta is None:
+            raise RuntimeError("init_forward_metadata() was not called for this decode batch")
+        hq, d = layer.num_heads, layer.head_dim
+        k_buf, v_buf = self._store(k, v, layer, fb)
+        q3 = q.view(-1, hq, d)
+        batch = q3.shape[0]
+        if meta.mid is None or meta.mid[0].shape[1] != hq:
+            self._num_q_heads = hq
+            meta.mid = self._k.decode_attention.decode_buffers(batch, hq, meta.num_splits, d, q.device)
+        o = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
+        cfg = meta.cfg
+        self._k.decode_attention_fwd(
+            q3, o, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
+            meta.num_splits, meta.mid[0], meta.mid[1], layer.scaling,
+            block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return o.view(-1, hq * d)
