@@ -112,3 +112,29 @@ def test_hf_generate_with_eos(model_factory, hf_reference_factory):
             assert want[-1] in (ref.model.generation_config.eos_token_id if isinstance(
                 ref.model.generation_config.eos_token_id, list) else [ref.model.generation_config.eos_token_id])
         assert out["text"] == tok.decode(out["output_ids"], skip_special_tokens=True)
+
+
+def test_failing_batch_frees_its_memory_and_others_continue(model_factory, monkeypatch):
+    """A forward that raises aborts that batch's requests, returns their KV, and the engine keeps
+    serving later requests with unchanged output."""
+    path = model_factory("llama")
+    with engine(path) as eng:
+        prompts = random_prompts(4, [20, 30], 515)
+        want = run(eng, prompts, new=6)
+        real = eng.scheduler.runner.forward_and_sample
+        calls = {"n": 0}
+
+        def flaky(batch):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("simulated device error")
+            return real(batch)
+
+        monkeypatch.setattr(eng.scheduler.runner, "forward_and_sample", flaky)
+        outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0})
+        assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
+        assert "simulated device error" in outs[0]["meta_info"]["finish_reason"]["message"]
+        eng.check_integrity()
+        again = run(eng, prompts, new=6)
+        assert [o["output_ids"] for o in again] == [o["output_ids"] for o in want]
+        eng.check_integrity()

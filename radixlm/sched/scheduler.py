@@ -184,12 +184,29 @@ class Scheduler:
             elif any(r.grammar_future is not None for r in self.waiting):
                 time.sleep(0.001)  # only requests waiting for their grammar: do not spin
             return outputs
-        result = self.runner.forward_and_sample(batch)
+        try:
+            result = self.runner.forward_and_sample(batch)
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the rest
+            logger.exception("forward failed for a batch of %d requests", batch.batch_size)
+            return outputs + self._fail_batch(batch, f"internal error: {type(e).__name__}: {e}")
         if batch.forward_mode.is_decode:
             outputs.extend(self._process_decode(batch, result))
         else:
             outputs.extend(self._process_prefill(batch, result))
         return outputs
+
+    def _fail_batch(self, batch: ScheduleBatch, message: str) -> List[ReqOutput]:
+        """Returns every slot the failed step took and aborts its requests."""
+        self.allocator.free(batch.out_cache_loc)
+        outs = []
+        for req in batch.reqs:
+            if req is self.chunked_req:
+                self.chunked_req = None
+            if req in self.running:
+                self.running.remove(req)
+            self._free_req_kv(req)
+            outs.append(self._finish(req, FinishReason("abort", message=message)))
+        return outs
 
     def check_integrity(self) -> None:
         """Every slot is free, in the tree, or owned by exactly one live request."""
