@@ -104,8 +104,14 @@ class EngineLoop:
         sink = self.sinks.get(out.rid)
         if out.finished_reason is not None:
             self.sinks.pop(out.rid, None)
-        if sink is not None:
+        if sink is None:
+            return
+        try:
             sink(out)
+        except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): free its request
+            self.sinks.pop(out.rid, None)
+            if out.finished_reason is None:
+                self.scheduler.abort_request(out.rid)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -115,7 +121,10 @@ class EngineLoop:
                     msg = self.inbox.get(block=block)
                     if msg[0] == "stop":
                         return
-                    self._handle(msg)
+                    try:
+                        self._handle(msg)
+                    except Exception:  # noqa: BLE001 - one bad message must not stop the engine
+                        logger.exception("engine loop failed to handle %s", msg[0])
                     block = False
             except queue.Empty:
                 pass
@@ -130,7 +139,10 @@ class EngineLoop:
                     self.scheduler.abort_request(rid)
                 sinks, self.sinks = self.sinks, {}
                 for sink in {id(s): s for s in sinks.values()}.values():
-                    sink(RuntimeError(f"engine step failed: {e}"))
+                    try:
+                        sink(RuntimeError(f"engine step failed: {e}"))
+                    except Exception:  # noqa: BLE001 - that caller is gone too
+                        pass
 
 
 class Engine:
@@ -230,8 +242,11 @@ class Engine:
         self.loop.submit(call.reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
         if stream:
             return self._astream(call, aq)
-        while call.left:
-            call.feed(await aq.get())
+        try:
+            while call.left:
+                call.feed(await aq.get())
+        finally:  # cancelled (timeout, client gone): free what the requests hold
+            call.abort_rest()
         return call.results()
 
     async def _astream(self, call: "_Call", aq: "asyncio.Queue") -> AsyncIterator[Dict[str, Any]]:
