@@ -70,13 +70,14 @@ class SamplingParams:
         d = dict(d)
         if "seed" in d:  # OpenAI's name for the same thing
             d["sampling_seed"] = d.pop("seed")
+        d = {k: v for k, v in d.items() if v is not None}  # null means "use the default"
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
                 f"Unknown sampling parameter(s): {', '.join(unknown)}. Valid fields: {', '.join(sorted(names))}"
             )
-        return cls(**{k: v for k, v in d.items() if v is not None})
+        return cls(**d)
 
     # ------------------------------------------------------------------ validation
     def verify(self, vocab_size: Optional[int] = None) -> None:

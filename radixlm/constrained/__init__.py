@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 GRAMMAR_BACKENDS = ("xgrammar", "none")
 
@@ -29,6 +29,51 @@ def grammar_key(sp) -> Optional[GrammarKey]:
 
 
 _FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
+_UNSUPPORTED_KEYWORDS = ("allOf", "not", "if", "then", "else", "dependentSchemas")
+
+
+def _is_string_schema(s: dict) -> bool:
+    t = s.get("type")
+    return t == "string" or (isinstance(t, list) and "string" in t)
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """Returns a copy of a JSON schema whose length-bounded strings carry an explicit pattern.
+
+    xgrammar (0.2.x) lets raw control characters into strings with minLength/maxLength, which
+    yields JSON that `json.loads` rejects. The same bounds written as a pattern over plain
+    characters (no control characters, quotes or backslashes) compile correctly; validation
+    against the user's schema is unchanged. Schemas the backend would silently not enforce are
+    rejected with a ValueError naming json_schema.
+    """
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    for kw in _UNSUPPORTED_KEYWORDS:
+        if kw in schema:
+            raise ValueError(f"json_schema: '{kw}' is not supported by the grammar backend")
+    out = {k: bounded_strings_as_patterns(v) for k, v in schema.items()}
+    if _is_string_schema(out) and ("minLength" in out or "maxLength" in out):
+        lo, hi = out.get("minLength", 0), out.get("maxLength")
+        for name, v in (("minLength", lo), ("maxLength", hi)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"json_schema: {name} must be a non-negative integer, got {v!r}")
+        if hi is not None and hi < lo:
+            raise ValueError("json_schema: maxLength is smaller than minLength")
+        if any(k in out for k in ("pattern", "format")):
+            raise ValueError("json_schema: minLength/maxLength together with pattern or format is not supported "
+                             "by the grammar backend; put the length into the pattern")
+        if not any(k in out for k in ("enum", "const")):
+            out.pop("minLength", None)
+            out.pop("maxLength", None)
+            out["pattern"] = "^[^\\x00-\\x1f\"\\\\]{%d,%s}$" % (lo, "" if hi is None else hi)
+    return out
+
+
+def normalize_json_schema(text: str) -> str:
+    """The schema text the backend compiles (see bounded_strings_as_patterns)."""
+    return json.dumps(bounded_strings_as_patterns(json.loads(text)))
 
 
 def check_grammar_syntax(key: GrammarKey) -> None:
@@ -44,6 +89,7 @@ def check_grammar_syntax(key: GrammarKey) -> None:
             raise ValueError(f"json_schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("json_schema must be a JSON object")
+        text = normalize_json_schema(text)
     try:
         import xgrammar as xgr
     except ImportError:  # the scheduler reports the missing backend when it compiles

@@ -9,33 +9,11 @@ used by jump-forward decoding.
 from __future__ import annotations
 
 import concurrent.futures
-import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from radixlm.constrained import GrammarKey
-
-
-def bounded_strings_as_patterns(schema: Any) -> Any:
-    """Returns a copy of a JSON schema whose length-bounded strings carry an explicit pattern.
-
-    xgrammar (0.2.x) lets raw control characters into strings with minLength/maxLength when free
-    whitespace is allowed, which yields JSON that `json.loads` rejects. The same bounds written as
-    a pattern over plain characters (no control characters, quotes or backslashes) compile
-    correctly; the schema's own validation is unchanged.
-    """
-    if isinstance(schema, list):
-        return [bounded_strings_as_patterns(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: bounded_strings_as_patterns(v) for k, v in schema.items()}
-    if out.get("type") == "string" and ("minLength" in out or "maxLength" in out) and \
-            not any(k in out for k in ("pattern", "format", "enum", "const")):
-        lo = int(out.pop("minLength", 0))
-        hi = out.pop("maxLength", None)
-        out["pattern"] = "^[^\\x00-\\x1f\"\\\\]{%d,%s}$" % (lo, "" if hi is None else int(hi))
-    return out
+from radixlm.constrained import GrammarKey, normalize_json_schema
 
 
 class XGrammarMatcher:
@@ -86,8 +64,7 @@ class XGrammarBackend:
         if kind == "regex":
             return self.compiler.compile_regex(text)
         if kind == "json":
-            if self.any_whitespace:
-                text = json.dumps(bounded_strings_as_patterns(json.loads(text)))
+            text = normalize_json_schema(text)
             return self.compiler.compile_json_schema(text, any_whitespace=self.any_whitespace,
                                                      max_whitespace_cnt=self.max_whitespace_cnt)
         return self.compiler.compile_grammar(text)

@@ -25,6 +25,7 @@ from radixlm.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 20.0
+GRACEFUL_SHUTDOWN_S = 5  # open streams get this long after Ctrl-C / SIGTERM, then the server exits
 
 
 def error_json(message: str, status: int, err_type: str = "BadRequestError", param=None) -> JSONResponse:
@@ -148,8 +149,9 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     async def server_info():
         state = await tm.get_internal_state()
         info = {k: v for k, v in vars(args).items()}
+        info.update(state)  # SGLang merges scheduler_info into the top level
         info.update({"scheduler_info": state, "internal_states": [state], "version": __version__,
-                     "max_total_num_tokens": state["max_total_num_tokens"],
+                     "max_req_input_len": tm.model_config.context_len - 1,
                      "num_in_flight_requests": len(tm.states)})
         return info
 
@@ -215,7 +217,7 @@ def launch_server(args: ServerArgs) -> None:
     tm.launch()
     app = create_app(tm)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_keep_alive=5)
+                            timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)
 
     @app.on_event("startup")

@@ -126,7 +126,10 @@ def encode(msg: Any) -> bytes:
 def decode(data: bytes) -> Any:
     import io
 
-    return _Unpickler(io.BytesIO(data)).load()
+    msg = _Unpickler(io.BytesIO(data)).load()
+    if not isinstance(msg, MESSAGE_TYPES):
+        raise TypeError(f"{type(msg).__name__} is not a radixlm IPC message")
+    return msg
 
 
 def fields_of(msg: Any) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -156,6 +157,7 @@ class TokenizerManager:
         self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch_children())]
 
     def shutdown(self) -> None:
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
         for p in self.procs:
             if p.is_alive():
                 p.terminate()

@@ -449,7 +449,8 @@ class Scheduler:
         if reason is None and req.grammar is not None:
             if req.grammar.is_terminated():
                 reason = FinishReason("stop", matched=tid)
-            elif self.cfg.enable_jump_forward and not req.return_logprob:
+            elif self.cfg.enable_jump_forward and not req.return_logprob and not req.sampling_params.stop_strs \
+                    and not req.sampling_params.stop_token_ids:  # forced text is never checked for stops
                 new_ids = self._jump_forward(req) or new_ids
                 if len(new_ids) > 1:
                     reason = self._check_finished(req)
