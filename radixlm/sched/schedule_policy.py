@@ -40,7 +40,7 @@ def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random)
     matches = {id(r): tree_cache.match_prefix(r.fill_ids[:-1]) for r in queue}
     if policy == "lpm":
         return sorted(queue, key=lambda r: (-len(matches[id(r)].indices), r.arrival_seq))
-    return _dfs_weight_order(queue, matches, tree_cache.root)
+    return _dfs_weight_order(queue, matches, tree_cache.root_node)
 
 
 def _dfs_weight_order(queue: List[Req], matches: Dict[int, object], root) -> List[Req]:
@@ -54,13 +54,16 @@ def _dfs_weight_order(queue: List[Req], matches: Dict[int, object], root) -> Lis
             weight[id(node)] += 1
             node = node.parent
     out: List[Req] = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        out.extend(at_node.get(id(node), []))
+    stack = [(root, False)]
+    while stack:  # post-order: a subtree's deeper matches first, the node's own requests after them
+        node, expanded = stack.pop()
+        if expanded:
+            out.extend(at_node.get(id(node), []))
+            continue
+        stack.append((node, True))
         kids = [c for c in node.children.values() if weight.get(id(c), 0) > 0]
         kids.sort(key=lambda c: weight[id(c)])  # lightest pushed first, heaviest popped first
-        stack.extend(kids)
+        stack.extend((c, False) for c in kids)
     return out
 
 
@@ -96,8 +99,8 @@ class PrefillAdder:
         waits a step and then hits the cache instead of computing them again."""
         fill = req.fill_ids
         for other in self.admitted_fill_ids:
-            lcp = common_prefix_len(fill, other)
-            if lcp > prefix_len and (lcp - prefix_len >= IN_BATCH_PREFIX_MIN or lcp >= len(fill) - 1):
+            lcp = min(common_prefix_len(fill, other), len(fill) - 1)  # the last token is never cached
+            if lcp > prefix_len and (lcp - prefix_len >= IN_BATCH_PREFIX_MIN or lcp == len(fill) - 1):
                 return True
         return False
 
