@@ -59,6 +59,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained-json-max-whitespace", type=int, default=4,
                    help="Longest whitespace run a JSON constraint allows (default %(default)s), so a weak model "
                         "cannot pad its answer until max_new_tokens.")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "qwen25", "qwen", "llama3"],
+                   help="Format of tool calls in the model's output (chat API tools): hermes / qwen25 / qwen = "
+                        "<tool_call>{json}</tool_call> blocks, llama3 = Llama-3.1 JSON calls. Default: hermes when "
+                        "the chat template contains <tool_call>, else llama3.")
     p.add_argument("--served-model-name", default=None, help="Model name in the OpenAI API (default: model path).")
     p.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every API route.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],

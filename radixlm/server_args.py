@@ -41,6 +41,9 @@ class ServerArgs:
     disable_jump_forward: bool = False
     constrained_json_disable_any_whitespace: bool = False
     constrained_json_max_whitespace: Optional[int] = 4  # per whitespace run, so a weak model cannot pad
+    # tool calling (OpenAI chat API): hermes / qwen25 / qwen / llama3; None = from the chat template
+    # (hermes when it contains "<tool_call>", else llama3)
+    tool_call_parser: Optional[str] = None
     # server
     host: str = "127.0.0.1"
     port: int = 30000
@@ -80,6 +83,11 @@ class ServerArgs:
             bad("grammar_backend", f"{self.grammar_backend!r} is not one of {', '.join(GRAMMAR_BACKENDS)}")
         if self.constrained_json_max_whitespace is not None and self.constrained_json_max_whitespace < 0:
             bad("constrained_json_max_whitespace", "must be at least 0")
+        if self.tool_call_parser is not None:
+            from radixlm.entrypoints.openai.tool_parser import TOOL_CALL_PARSERS
+
+            if self.tool_call_parser not in TOOL_CALL_PARSERS:
+                bad("tool_call_parser", f"{self.tool_call_parser!r} is not one of {', '.join(TOOL_CALL_PARSERS)}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             bad("load_format", f"{self.load_format!r} is not one of auto, safetensors, dummy")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -32,7 +32,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
             try:
-                if requests.get(self.base_url + "/get_model_info", timeout=1).status_code == 200:
+                if requests.get(self.base_url + "/health", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass

@@ -233,8 +233,10 @@ def test_response_format_json_schema(client):
 def test_unsupported_features_are_refused(client):
     msgs = [{"role": "user", "content": "x"}]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError, match="tools are not supported"):
-        client.chat.completions.create(model="m", messages=msgs, tools=tools)
+    with pytest.raises(openai.BadRequestError, match="functions"):
+        client.chat.completions.create(model="m", messages=msgs, functions=[{"name": "f"}])
+    auto = client.chat.completions.create(model="m", messages=msgs, tools=tools, max_tokens=2)
+    assert auto.choices[0].message.role == "assistant"
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         client.chat.completions.create(model="m", messages=msgs, tool_choice="required")
     ok = client.chat.completions.create(model="m", messages=msgs, max_tokens=2, response_format={"type": "text"},

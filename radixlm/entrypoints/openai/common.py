@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -131,15 +131,16 @@ async def wait_or_abort(request: Request, tm: TokenizerManager, states: List[Req
     return None
 
 
-ChunkFn = Callable[[int, ReqState, str, int, int, Optional[str]], Optional[Dict[str, Any]]]
+ChunkFn = Callable[[int, ReqState, str, int, int, Optional[str]], Union[None, Dict[str, Any], List[Dict[str, Any]]]]
 
 
 async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk: ChunkFn,
                         head: List[Dict[str, Any]], usage_chunk: Callable[[Dict[str, Any]], Dict[str, Any]],
                         include_usage: bool, continuous_usage: bool) -> AsyncIterator[bytes]:
     """SSE loop. `make_chunk(index, state, text_delta, lp_from, lp_to, finish_reason)` shapes one
-    choice's chunk (None: nothing to send). Text deltas come from the cumulative `state.text`. When the
-    client disconnects the generator is closed and the `finally` aborts the unfinished requests."""
+    choice's chunk (None: nothing to send; a list: several chunks, in order). Text deltas come from
+    the cumulative `state.text`. When the client disconnects the generator is closed and the
+    `finally` aborts the unfinished requests."""
     sent_text = [0] * len(states)
     sent_lp = [0] * len(states)
     try:
@@ -151,8 +152,8 @@ async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk
             sent_text[i] = max(sent_text[i], len(text))
             lp_from, lp_to = sent_lp[i], max(sent_lp[i], logprob_end(st))
             sent_lp[i] = lp_to
-            chunk = make_chunk(i, st, delta, lp_from, lp_to, finish_reason(st) if st.finished else None)
-            if chunk is not None:
+            made = make_chunk(i, st, delta, lp_from, lp_to, finish_reason(st) if st.finished else None)
+            for chunk in (made if isinstance(made, list) else [made] if made is not None else []):
                 if continuous_usage:
                     chunk["usage"] = usage(states)
                 yield sse(chunk)

@@ -3,13 +3,22 @@
 The template output already holds the special tokens, so it is encoded with add_special_tokens=False.
 Streaming sends, per choice, a first chunk `delta: {role: assistant, content: ""}`, then content
 deltas; the last chunk of a choice carries its finish_reason. response_format json_object /
-json_schema constrain decoding through the grammar backend; tools are refused with a 400 (no
-tool-call parser yet) rather than silently ignored.
+json_schema constrain decoding through the grammar backend.
+
+Tools (tools.py, tool_parser.py): the tools are rendered into the prompt by the chat template; with
+tool_choice auto / required / named the output is parsed for calls: non-stream -> message.tool_calls
+[{id: "call_<hex>", type: "function", function: {name, arguments: JSON string}}], content = the
+normal text (null when there is none) and finish_reason "tool_calls" (when the model stopped by
+itself); streaming -> content deltas for normal text, then per call a delta `tool_calls: [{index, id,
+type, function: {name, arguments: ""}}]` followed by deltas carrying `arguments` fragments.
+Assistant messages' tool_calls whose arguments are a JSON string reach the template as objects
+(Llama-3.1's template and others expect a mapping).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,20 +27,11 @@ from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.common import BadRequest
 from radixlm.entrypoints.openai.logprobs import chat_logprobs
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest
+from radixlm.entrypoints.openai.tool_parser import ToolCallParser, parse_tool_calls
+from radixlm.entrypoints.openai.tools import ToolSetup, prepare_tools
 from radixlm.managers.tokenizer_manager import ReqState, TokenizerManager
 
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "messages", "tokenize", "add_generation_prompt", "tools"}
-
-
-def _check_tools(req: ChatCompletionRequest) -> None:
-    if req.functions or req.function_call not in (None, "none"):
-        raise BadRequest("functions / function_call are not supported", "functions")
-    choice = req.tool_choice
-    if req.tools and choice != "none":
-        raise BadRequest("tools are not supported yet (no tool-call parser); omit tools or set "
-                         "tool_choice to \"none\"", "tools")
-    if choice not in (None, "none", "auto") and not req.tools:
-        raise BadRequest("tool_choice is only allowed when tools are specified", "tool_choice")
 
 
 def _messages(req: ChatCompletionRequest) -> List[Dict[str, Any]]:
@@ -49,10 +49,30 @@ def _messages(req: ChatCompletionRequest) -> List[Dict[str, Any]]:
         if content is None and not (m.role == "assistant" and m.tool_calls):
             raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", f"messages.{i}.content")
         d: Dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
+        if m.tool_calls is not None:
+            d["tool_calls"] = _template_tool_calls(m.tool_calls, i)
         out.append(d)
+    return out
+
+
+def _template_tool_calls(calls: List[Dict[str, Any]], i: int) -> List[Dict[str, Any]]:
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRequest(f"messages[{i}].tool_calls[{j}] needs function.name", f"messages.{i}.tool_calls")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args) if args.strip() else {}
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                args = parsed
+        out.append({**call, "function": {**fn, "arguments": args}})
     return out
 
 
@@ -61,7 +81,7 @@ def render_prompt(tm: TokenizerManager, req: ChatCompletionRequest) -> List[int]
     if tok is None or not getattr(tok, "chat_template", None):
         raise BadRequest("chat completions need a tokenizer with a chat template; use /v1/completions")
     kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
-    if req.tools:  # only reached with tool_choice "none": the model sees the tools but no call is parsed
+    if req.tools:  # the model sees the tools whatever tool_choice says (as SGLang and vLLM do)
         kwargs["tools"] = req.tools
     try:
         text = tok.apply_chat_template(_messages(req), tokenize=False, add_generation_prompt=True, **kwargs)
@@ -72,8 +92,8 @@ def render_prompt(tm: TokenizerManager, req: ChatCompletionRequest) -> List[int]
     return tok.encode(text, add_special_tokens=False)
 
 
-def _build(tm: TokenizerManager, req: ChatCompletionRequest):
-    _check_tools(req)
+def _build(tm: TokenizerManager, req: ChatCompletionRequest) -> Tuple[list, Optional[ToolSetup]]:
+    setup = prepare_tools(req, tm.args, getattr(tm.tokenizer, "chat_template", None), bool(common.constraint(req)))
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs requires logprobs to be true", "top_logprobs")
     ids = render_prompt(tm, req)
@@ -81,18 +101,25 @@ def _build(tm: TokenizerManager, req: ChatCompletionRequest):
     if max_tokens is None:  # bounded only by the context
         max_tokens = max(tm.model_config.context_len - len(ids), 0)
     sp = common.sampling_params(req, max_tokens, tm.model_config.vocab_size)
+    if setup is not None and setup.ebnf is not None:  # a forced call: prepare_tools refused other constraints
+        sp["ebnf"] = setup.ebnf
     msgs, _ = tm.builder.build(input_ids=ids, sampling_params=sp, rid=req.rid, return_logprob=req.logprobs,
                                top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0, stream=req.stream)
-    return msgs
+    return msgs, setup
+
+
+def _finish(st: ReqState, has_calls: bool) -> Optional[str]:
+    reason = common.finish_reason(st)
+    return "tool_calls" if has_calls and reason == "stop" else reason
 
 
 async def create_chat_completion(request: Request, tm: TokenizerManager, req: ChatCompletionRequest):
-    msgs = _build(tm, req)
+    msgs, setup = _build(tm, req)
     states = await tm.submit(msgs)
     rid, created = common.new_id("chatcmpl"), common.now()
     model = req.model or tm.served_model_name
     if req.stream:
-        return StreamingResponse(_stream(tm, req, states, rid, created, model), media_type="text/event-stream")
+        return StreamingResponse(_stream(tm, req, setup, states, rid, created, model), media_type="text/event-stream")
     early = await common.wait_or_abort(request, tm, states)
     if early is not None:
         return early
@@ -102,26 +129,65 @@ async def create_chat_completion(request: Request, tm: TokenizerManager, req: Ch
     choices = []
     for i, st in enumerate(states):
         lp = chat_logprobs(tm, st, 0, common.logprob_end(st)) if req.logprobs else None
-        choices.append({"index": i, "message": {"role": "assistant", "content": st.text}, "logprobs": lp,
-                        "finish_reason": common.finish_reason(st), "matched_stop": common.matched_stop(st)})
+        message: Dict[str, Any] = {"role": "assistant", "content": st.text}
+        if setup is not None:
+            message["content"], calls = parse_tool_calls(st.text, setup.fmt, setup.names, setup.parallel)
+            if calls:
+                message["tool_calls"] = calls
+        choices.append({"index": i, "message": message, "logprobs": lp,
+                        "finish_reason": _finish(st, "tool_calls" in message),
+                        "matched_stop": common.matched_stop(st)})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                          "choices": choices, "usage": common.usage(states)})
 
 
-def _stream(tm: TokenizerManager, req: ChatCompletionRequest, states: List[ReqState], rid: str, created: int,
-            model: str):
+def _stream(tm: TokenizerManager, req: ChatCompletionRequest, setup: Optional[ToolSetup], states: List[ReqState],
+            rid: str, created: int, model: str):
+    parsers = [ToolCallParser(setup.fmt, setup.names, setup.parallel) if setup is not None else None
+               for _ in states]
+
     def chunk(choices: list) -> Dict[str, Any]:
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
 
+    def deltas(i: int, text: str, finished: bool) -> List[Dict[str, Any]]:
+        p = parsers[i]
+        if p is None:
+            return [{"content": text}] if text else []
+        out: List[Dict[str, Any]] = []
+        for ev in p.feed(text) + (p.finish() if finished else []):
+            last = out[-1] if out else {}
+            if ev[0] == "text":
+                if "content" in last:
+                    last["content"] += ev[1]
+                else:
+                    out.append({"content": ev[1]})
+            elif ev[0] == "call":
+                out.append({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                            "function": {"name": ev[3], "arguments": ""}}]})
+            elif ev[0] == "args":
+                tc = last.get("tool_calls", [{}])[0]
+                if "id" not in tc and tc.get("index") == ev[1]:
+                    tc["function"]["arguments"] += ev[2]
+                else:
+                    out.append({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
+        return out
+
     def make_chunk(i: int, st: ReqState, delta: str, lp_from: int, lp_to: int, finish: Optional[str]):
-        if not delta and lp_to == lp_from and finish is None:
+        ds = deltas(i, delta, finish is not None)
+        if not ds and lp_to == lp_from and finish is None:
             return None
-        c: Dict[str, Any] = {"index": i, "delta": {"content": delta} if delta else {},
-                             "logprobs": chat_logprobs(tm, st, lp_from, lp_to) if req.logprobs else None,
-                             "finish_reason": finish}
         if finish is not None:
-            c["matched_stop"] = common.matched_stop(st)
-        return chunk([c])
+            finish = _finish(st, parsers[i] is not None and parsers[i].num_calls > 0)
+        out = []
+        for k, d in enumerate(ds or [{}]):
+            c: Dict[str, Any] = {"index": i, "delta": d,
+                                 "logprobs": chat_logprobs(tm, st, lp_from, lp_to) if req.logprobs and k == 0
+                                 else None,
+                                 "finish_reason": finish if k == len(ds or [{}]) - 1 else None}
+            if c["finish_reason"] is not None:
+                c["matched_stop"] = common.matched_stop(st)
+            out.append(chunk([c]))
+        return out
 
     head = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}]) for i in range(len(states))]
