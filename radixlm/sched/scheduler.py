@@ -303,8 +303,15 @@ class Scheduler:
         return loc
 
     def _last_slots(self, reqs: Sequence[Req]) -> List[int]:
+        """Slot of each request's last computed token (only paged allocation needs it): one gather,
+        one device sync, whatever the batch size."""
+        if self.page_size == 1 or not reqs:
+            return [-1] * len(reqs)
         table = self.req_to_token_pool.req_to_token
-        return [int(table[r.req_pool_idx, r.kv_len - 1]) if r.kv_len > 0 else -1 for r in reqs]
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
+        cols = torch.tensor([max(r.kv_len - 1, 0) for r in reqs], device=table.device)
+        slots = table[rows, cols].tolist()
+        return [s if r.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
 
     def _build_extend_batch(self, reqs: List[Req]) -> ScheduleBatch:
         prefix_lens = [r.kv_len for r in reqs]
@@ -374,8 +381,11 @@ class Scheduler:
                 break
             if not self._retract_one(outputs):
                 return None
-        for req, slot in zip(reqs, loc.tolist()):
-            self.req_to_token_pool.req_to_token[req.req_pool_idx, req.kv_len] = slot
+        table = self.req_to_token_pool.req_to_token
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
+        cols = torch.tensor([r.kv_len for r in reqs], device=table.device)
+        table[rows, cols] = loc.to(table.device)
+        for req in reqs:
             req.prefix_len, req.extend_len = req.kv_len, 1
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
         return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
