@@ -16,7 +16,21 @@ def __getattr__(name):
     if name == "ServerArgs":
         from radixlm.server_args import ServerArgs
         return ServerArgs
+    if name in _LANG or name == "lang":
+        import importlib
+
+        lang = importlib.import_module("radixlm.lang")
+        return lang if name == "lang" else getattr(lang, name)
     raise AttributeError(f"module 'radixlm' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "SamplingParams", "ServerArgs", "__version__"]
+# The frontend language (radixlm.lang), re-exported lazily: `import radixlm as rl; rl.gen(...)`.
+_LANG = (
+    "function", "gen", "gen_int", "gen_string", "select", "system", "user", "assistant", "system_begin",
+    "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
+    "get_default_backend", "flush_cache", "get_server_info", "RuntimeEndpoint", "Runtime", "EngineBackend",
+    "OpenAI", "token_length_normalized", "greedy_token_selection", "unconditional_likelihood_normalized",
+    "ProgramState", "ProgramGraph", "ProgramError",
+)
+
+__all__ = ["Engine", "SamplingParams", "ServerArgs", "__version__", *_LANG]

@@ -26,9 +26,18 @@ def available_backends():
     return sorted(_REGISTRY) + ["auto"]
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend_name(name: str, device: str) -> str:
+    """`auto`: Triton kernels on CUDA when Triton is installed, the torch reference elsewhere."""
     if name == "auto":
-        return "triton" if (str(device).startswith("cuda") and "triton" in _REGISTRY) else "torch_native"
+        return "triton" if str(device).startswith("cuda") and _triton_importable() else "torch_native"
     return name
 
 

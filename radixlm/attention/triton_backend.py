@@ -15,7 +15,6 @@ set here on first use if the kernels are not imported yet): correct but slow, fo
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -72,21 +71,27 @@ class TritonAttnBackend(AttentionBackend):
     """Options (all optional; defaults depend on the device):
     extend_block_m / extend_block_n / decode_block_n: block sizes;
     num_kv_splits: a fixed number of decode KV splits (default: chosen per step);
-    max_kv_splits, min_tokens_per_split: bounds of that choice."""
+    max_kv_splits, min_tokens_per_split: bounds of that choice;
+    num_q_heads: the model's q heads, so that even the first decode step preallocates its scratch."""
 
     def __init__(self, extend_block_m: Optional[int] = None, extend_block_n: Optional[int] = None,
                  decode_block_n: Optional[int] = None, num_kv_splits: Optional[int] = None,
-                 max_kv_splits: Optional[int] = None, min_tokens_per_split: Optional[int] = None, **_unused):
-        if importlib.util.find_spec("triton") is None:
+                 max_kv_splits: Optional[int] = None, min_tokens_per_split: Optional[int] = None,
+                 num_q_heads: Optional[int] = None, **_unused):
+        try:
+            import triton  # noqa: F401  (the kernels themselves are imported on first use)
+        except ImportError as e:
             raise RuntimeError("attention backend 'triton' needs the `triton` package (pip install triton); "
-                               "use --attention-backend torch_native otherwise")
+                               "use --attention-backend torch_native otherwise") from e
         self.overrides = dict(extend_block_m=extend_block_m, extend_block_n=extend_block_n,
                               decode_block_n=decode_block_n)
         self.num_kv_splits = num_kv_splits
         self.max_kv_splits = max_kv_splits
         self.min_tokens_per_split = min_tokens_per_split
         self._k = None  # the kernels package, imported on first use
-        self._num_q_heads: Optional[int] = None  # learnt at the first decode layer, then preallocated
+        # q heads: given by the runner, or learnt at the first decode layer; sizes the decode scratch
+        # that init_forward_metadata preallocates
+        self._num_q_heads: Optional[int] = num_q_heads
         self._sm: Optional[int] = None
         self._extend: Optional[_ExtendMeta] = None
         self._decode: Optional[_DecodeMeta] = None
@@ -175,7 +180,7 @@ class TritonAttnBackend(AttentionBackend):
             raise RuntimeError("init_forward_metadata() was not called for this extend batch")
         hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         k_buf, v_buf = self._store(k, v, layer, fb)
-        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hk, d), v.view(-1, hk, d)
+        q3, k3, v3 = q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d)
         o = torch.empty((q3.shape[0], hq, d), dtype=q.dtype, device=q.device)
         cfg = meta.cfg
         self._k.extend_attention_fwd(
@@ -190,7 +195,7 @@ class TritonAttnBackend(AttentionBackend):
             raise RuntimeError("init_forward_metadata() was not called for this decode batch")
         hq, d = layer.num_heads, layer.head_dim
         k_buf, v_buf = self._store(k, v, layer, fb)
-        q3 = q.view(-1, hq, d)
+        q3 = q.reshape(-1, hq, d)
         batch = q3.shape[0]
         if meta.mid is None or meta.mid[0].shape[1] != hq:
             self._num_q_heads = hq

@@ -57,7 +57,8 @@ class ModelRunner:
             model_config.head_dim, model_config.dtype, cfg.device)
         self.req_to_token_pool = ReqToTokenPool(cfg.max_running_requests + 1, model_config.context_len + 1,
                                                 cfg.device)
-        self.attn_backend = create_attention_backend(cfg.attention_backend, cfg.device)
+        self.attn_backend = create_attention_backend(cfg.attention_backend, cfg.device,
+                                                     num_q_heads=model_config.num_heads)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
 
     # ------------------------------------------------------------------ set-up

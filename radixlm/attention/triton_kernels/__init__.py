@@ -9,7 +9,8 @@
                                   with a GQA group's q heads together, then a reduction
 
 `reference` holds a plain-PyTorch reference for every kernel (the tests compare against them and
-against the torch_native backend).
+against the torch_native backend). `python -m radixlm.attention.triton_kernels.compile_check`
+compiles every configuration for sm_90 on a machine without a GPU (shared memory, MMA use).
 
 Importing this package imports triton and decorates the kernels, so on a machine without a GPU
 TRITON_INTERPRET=1 must be set *before* the first import (the backend does this for CPU tensors).

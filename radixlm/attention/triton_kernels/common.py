@@ -29,10 +29,18 @@ def block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
+# The interpreter's tl.dot multiplies bf16 operands as their raw uint16 bits (Triton 3.6-3.9), so
+# under the interpreter operands are widened to fp32 first: the same products a GPU's bf16 MMA
+# accumulates in fp32.
+_INTERPRETED_DOT = tl.constexpr(INTERPRETED)
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """tl.dot with fp32 inputs kept exact (no TF32) when IEEE is set."""
-    if IEEE:
+    if _INTERPRETED_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)

@@ -1,6 +1,6 @@
 """Compile every kernel configuration the backend uses for a CUDA target, without a GPU.
 
-    python -m radixlm.attention.triton_kernels.compile_check [--arch 90] [--head-dims 64,128,256]
+    python -m radixlm.attention.triton_kernels.compile_check [--arch 90] [--head-dims 64,96,128,256]
 
 Runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for the
 extend, decode and KV-store kernels at the block sizes `triton_backend` picks, in bf16 and fp32,
@@ -31,7 +31,7 @@ def _sig(fn, types: dict, constexprs: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--head-dims", default="64,128,256")
+    ap.add_argument("--head-dims", default="64,96,128,256")
     ap.add_argument("--gqa", default="4,2,1", help="q heads per kv head")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
