@@ -112,7 +112,8 @@ def abort_error(states: List[ReqState]) -> Optional[Response]:
 
 
 async def wait_or_abort(request: Request, tm: TokenizerManager, states: List[ReqState]) -> Optional[Response]:
-    """Waits for every state to finish; aborts them all if the client goes away (returns a 499)."""
+    """Waits for every state to finish. Returns None on success, else the error response: 499 when
+    the client went away (its requests are aborted), 400 when a request was aborted."""
     task = asyncio.ensure_future(tm.wait_all(states))
     gone = False
     try:
@@ -128,7 +129,7 @@ async def wait_or_abort(request: Request, tm: TokenizerManager, states: List[Req
     if gone:
         return Response(status_code=499)
     task.result()
-    return None
+    return abort_error(states)
 
 
 ChunkFn = Callable[[int, ReqState, str, int, int, Optional[str]], Union[None, Dict[str, Any], List[Dict[str, Any]]]]

@@ -120,10 +120,7 @@ async def create_chat_completion(request: Request, tm: TokenizerManager, req: Ch
     model = req.model or tm.served_model_name
     if req.stream:
         return StreamingResponse(_stream(tm, req, setup, states, rid, created, model), media_type="text/event-stream")
-    early = await common.wait_or_abort(request, tm, states)
-    if early is not None:
-        return early
-    err = common.abort_error(states)
+    err = await common.wait_or_abort(request, tm, states)
     if err is not None:
         return err
     choices = []

@@ -64,10 +64,7 @@ async def create_completion(request: Request, tm: TokenizerManager, req: Complet
     echo = _echo_texts(tm, req, states)
     if req.stream:
         return StreamingResponse(_stream(tm, req, states, rid, created, model, echo), media_type="text/event-stream")
-    early = await common.wait_or_abort(request, tm, states)
-    if early is not None:
-        return early
-    err = common.abort_error(states)
+    err = await common.wait_or_abort(request, tm, states)
     if err is not None:
         return err
     choices = []
