@@ -200,11 +200,10 @@ class Engine:
         if p.req.return_logprob:
             meta["output_token_logprobs"] = [(lp, tid, None) for lp, tid in p.logprobs]
             meta["output_top_logprobs"] = [[(v, t, None) for v, t in tops] for tops in p.top_logprobs]
-            if p.input_logprobs is not None:
-                meta["input_token_logprobs"] = [(lp, tid, None) for lp, tid in p.input_logprobs]
-                if p.input_top_logprobs is not None:
-                    meta["input_top_logprobs"] = [None if tops is None else [(v, t, None) for v, t in tops]
-                                                  for tops in p.input_top_logprobs]
+            meta["input_token_logprobs"] = [(lp, tid, None) for lp, tid in p.input_logprobs or []]
+            if p.req.top_logprobs_num > 0:
+                meta["input_top_logprobs"] = [None if tops is None else [(v, t, None) for v, t in tops]
+                                              for tops in p.input_top_logprobs or []]
         return {"text": p.text if text is None else text, "output_ids": list(p.output_ids), "meta_info": meta}
 
     # ------------------------------------------------------------------ public API

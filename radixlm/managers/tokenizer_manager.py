@@ -73,11 +73,11 @@ class ReqState:
             meta["output_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.logprobs]
             if self.msg.top_logprobs_num > 0:
                 meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in tops] for tops in self.top_logprobs]
-            if self.input_logprobs is not None:
-                meta["input_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.input_logprobs]
-                if self.input_top_logprobs is not None:
-                    meta["input_top_logprobs"] = [None if tops is None else [[v, t, txt(t)] for v, t in tops]
-                                                  for tops in self.input_top_logprobs]
+            # prompt logprobs: empty unless logprob_start_len asked for them (newer SGLang's shape)
+            meta["input_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.input_logprobs or []]
+            if self.msg.top_logprobs_num > 0:
+                meta["input_top_logprobs"] = [None if tops is None else [[v, t, txt(t)] for v, t in tops]
+                                              for tops in self.input_top_logprobs or []]
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
 
 

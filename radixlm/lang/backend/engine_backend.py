@@ -3,7 +3,7 @@ the same prefix caching and select scoring) as `RuntimeEndpoint` sends over HTTP
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from radixlm.lang.backend.base import BackendError
 from radixlm.lang.backend.native import NativeBackend
@@ -75,7 +75,7 @@ class EngineBackend(NativeBackend):
             it = self.engine.generate(stream=True, **self._kwargs(body))
         except ValueError as e:
             raise BackendError(str(e)) from e
-        text, ids = "", []  # type: str, List[int]
+        text, ids = "", []
         for chunk in it:
             text += chunk["text"]
             ids.extend(chunk["output_ids"])

@@ -22,7 +22,6 @@ import difflib
 import json
 import logging
 import os
-import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from radixlm.lang.backend.base import BackendConnectionError, BackendError, BaseBackend
