@@ -85,9 +85,10 @@ class Sampler:
         for i in rows:
             reqs[i].grammar.fill_bitmask(bitmask, i)
         self.grammar_backend.apply_bitmask(logits, bitmask, rows)
-        dead = [i for i in rows if not torch.isfinite(logits[i]).any()]
-        for i in dead:  # another mask (min_new_tokens) removed what the grammar needs: let it end
-            logits[i, self.eos_token_ids[0] if self.eos_token_ids else 0] = 0.0
+        idx = torch.tensor(rows, device=logits.device)
+        dead = idx[~torch.isfinite(logits[idx]).any(dim=1)]
+        if dead.numel():  # another mask (min_new_tokens) removed what the grammar needs: let it end
+            logits[dead, self.eos_token_ids[0] if self.eos_token_ids else 0] = 0.0
 
     def __call__(self, logits: torch.Tensor, reqs: Sequence[Req]) -> SampleOutput:
         logits = logits.float()
