@@ -9,10 +9,6 @@ from typing import List, Optional
 from radixlm.server_args import ServerArgs
 
 
-def str2bool_flag(p, name: str, help: str) -> None:
-    p.add_argument(name, action="store_true", help=help)
-
-
 def make_parser() -> argparse.ArgumentParser:
     d = ServerArgs.__dataclass_fields__
     p = argparse.ArgumentParser(prog="radixlm.launch_server",

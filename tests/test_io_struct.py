@@ -15,7 +15,7 @@ from radixlm.core import FinishReason, ReqOutput, SamplingParams
 from radixlm.managers import io_struct
 from radixlm.managers.io_struct import (AbortReq, BatchStrOut, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
                                         FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
-                                        SchedulerDied, SchedulerReady, StrOut, TokenizedGenerateReqInput, decode,
+                                        SchedulerReady, StrOut, TokenizedGenerateReqInput, decode,
                                         encode)
 
 
@@ -60,7 +60,6 @@ def _samples():
             StrOut("b", "tail\ufffd", _out("b", FinishReason("length", length=3), lps=False)),
             StrOut("c", "é", _out("c", FinishReason("abort", message="boom")), input_logprobs=[]),
         ]),
-        SchedulerDied: SchedulerDied("radixlm-scheduler exited with code -9"),
     }
 
 

@@ -9,7 +9,6 @@ raises, so a stray object can never be mistaken for a message.
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -97,16 +96,8 @@ class BatchStrOut:
     items: List[StrOut]
 
 
-@dataclass
-class SchedulerDied:
-    """Sent by whoever notices that the scheduler process is gone."""
-
-    reason: str
-
-
 MESSAGE_TYPES = (TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
-                 GetInternalStateReqOutput, SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut,
-                 SchedulerDied)
+                 GetInternalStateReqOutput, SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
 _ALLOWED = {f"{c.__module__}.{c.__qualname__}" for c in MESSAGE_TYPES + (ReqOutput, FinishReason)}
 
 
@@ -130,10 +121,6 @@ def decode(data: bytes) -> Any:
     if not isinstance(msg, MESSAGE_TYPES):
         raise TypeError(f"{type(msg).__name__} is not a radixlm IPC message")
     return msg
-
-
-def fields_of(msg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(msg)
 
 
 def to_req(msg: TokenizedGenerateReqInput):

@@ -11,8 +11,8 @@ directory -- ``config.json``, ``generation_config.json``, ``model.safetensors``
 
 Supported architectures: ``llama`` (Llama-3 style rope scaling), ``qwen2``
 (qkv bias, tied embeddings), ``qwen3`` (q/k RMSNorm, explicit head_dim) and
-``mistral``.  Sizes: ``tiny`` (fast, for unit tests) and ``small`` (demos,
-benchmarks).
+``mistral``.  Sizes: ``tiny`` (fast, for unit tests), ``small`` (demos,
+benchmarks) and ``medium`` (~100M parameters, CPU benchmarks).
 
 The tokenizer is a byte-level BPE trained deterministically with the
 ``tokenizers`` library on ``corpus.txt`` (shipped next to this file); the
@@ -22,7 +22,7 @@ trained tokenizer is cached per process.  Special tokens have fixed ids:
 CLI::
 
     python -m radixlm.tools.make_tiny_model OUT --arch llama|qwen2|qwen3|mistral \
-        [--size tiny|small] [--seed N] [--dtype float32|bfloat16|float16]
+        [--size tiny|small|medium] [--seed N] [--dtype float32|bfloat16|float16]
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ CORPUS_PATH = pathlib.Path(__file__).with_name("corpus.txt")
 # Tokenizer vocabulary (incl. the 3 special tokens and the 256 byte symbols)
 # and the model's embedding rows (>= tokenizer size; the extra rows are
 # "padding" ids the tokenizer never produces).
-_TOKENIZER_VOCAB = {"tiny": 512, "small": 2048}
-_MODEL_VOCAB = {"tiny": 515, "small": 2056}
+_TOKENIZER_VOCAB = {"tiny": 512, "small": 2048, "medium": 2048}
+_MODEL_VOCAB = {"tiny": 515, "small": 2056, "medium": 2056}
 
 _SIZE_PARAMS: dict[str, dict[str, int]] = {
     "tiny": dict(
@@ -80,11 +80,19 @@ _SIZE_PARAMS: dict[str, dict[str, int]] = {
         num_key_value_heads=2,
         intermediate_size=688,
     ),
+    # ~100M parameters (qwen2: 104M with tied embeddings): CPU benchmarks of a realistic-size model.
+    "medium": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=3072,
+    ),
 }
 SIZES = tuple(_SIZE_PARAMS)
 
 # qwen3 uses an explicit head_dim different from hidden_size // num_heads.
-_QWEN3_HEAD_DIM = {"tiny": 24, "small": 64}
+_QWEN3_HEAD_DIM = {"tiny": 24, "small": 64, "medium": 64}
 
 _ARCH_INFO = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama"),
@@ -94,6 +102,8 @@ _ARCH_INFO = {
 }
 
 MAX_POSITION_EMBEDDINGS = 2048
+# medium holds multi-turn agent benchmarks (system prompt + several turns of history).
+_MAX_POSITION_EMBEDDINGS = {"medium": 4096}
 
 # ChatML.  Each message renders exactly as
 #   <|im_start|>{role}\n{content}<|im_end|>\n
@@ -283,7 +293,7 @@ def build_config(arch: str = "llama", size: str = "tiny", dtype: str = "float32"
         **p,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "max_position_embeddings": _MAX_POSITION_EMBEDDINGS.get(size, MAX_POSITION_EMBEDDINGS),
         "initializer_range": 0.02,
         "rms_norm_eps": 1e-5 if arch == "llama" else 1e-6,
         "use_cache": True,

@@ -1,0 +1,128 @@
+"""Streaming HTTP clients for bench_serving: radixlm's native /generate and OpenAI /v1/completions.
+
+Both send token ids (native: `input_ids`; OpenAI: `prompt` as a list of ids, which OpenAI-compatible
+servers accept), greedy, `ignore_eos`, so prompt and output lengths are token-exact.
+TTFT = time to the first chunk carrying output; ITL = gaps between chunks, spread evenly over the
+tokens a chunk brings (native backend; OpenAI chunks count as one token each).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, List, Optional
+
+import httpx
+
+from radixlm.bench.metrics import RequestResult
+
+
+def _sse_payloads(line: str):
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    return json.loads(data)
+
+
+async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
+                         t_origin: float, extra: Optional[dict] = None) -> RequestResult:
+    payload = {"input_ids": prompt_ids, "stream": True,
+               "sampling_params": {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}}
+    if extra:
+        payload.update(extra)
+    res = RequestResult(prompt_len=len(prompt_ids))
+    st = time.perf_counter()
+    res.start_time = st - t_origin
+    last = st
+    n_seen = 0
+    try:
+        async with client.stream("POST", base_url + "/generate", json=payload) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                d = _sse_payloads(line)
+                if d is None:
+                    continue
+                if "error" in d:
+                    res.error = str(d["error"])
+                    return res
+                now = time.perf_counter()
+                ids = d.get("output_ids") or []
+                k = len(ids) - n_seen
+                if k > 0:
+                    if n_seen == 0:
+                        res.ttft = now - st
+                    else:
+                        res.itl.extend([(now - last) / k] * k)
+                    last = now
+                    n_seen = len(ids)
+                meta = d.get("meta_info", {})
+                res.output_ids = ids
+                res.output_len = meta.get("completion_tokens", len(ids))
+                res.prompt_len = meta.get("prompt_tokens", res.prompt_len)
+                res.cached_tokens = meta.get("cached_tokens", 0)
+                if "e2e_latency" in meta:
+                    res.server_e2e = meta["e2e_latency"]
+        res.latency = time.perf_counter() - st
+        res.success = res.output_len > 0 or output_len == 0
+        if not res.success:
+            res.error = "no output"
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
+                         t_origin: float, model: str, tokenize: Optional[Callable] = None,
+                         extra: Optional[dict] = None) -> RequestResult:
+    payload = {"model": model, "prompt": prompt_ids, "max_tokens": output_len, "temperature": 0,
+               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if extra:
+        payload.update(extra)
+    res = RequestResult(prompt_len=len(prompt_ids))
+    st = time.perf_counter()
+    res.start_time = st - t_origin
+    last = st
+    chunks = 0
+    text = []
+    usage = None
+    try:
+        async with client.stream("POST", base_url + "/v1/completions", json=payload) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                d = _sse_payloads(line)
+                if d is None:
+                    continue
+                if "error" in d:
+                    res.error = str(d["error"])
+                    return res
+                now = time.perf_counter()
+                if d.get("usage"):
+                    usage = d["usage"]
+                piece = "".join(c.get("text") or "" for c in d.get("choices") or [])
+                if piece:
+                    if chunks == 0:
+                        res.ttft = now - st
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    chunks += 1
+                    text.append(piece)
+        res.latency = time.perf_counter() - st
+        res.output_len = usage["completion_tokens"] if usage else chunks
+        if usage:
+            res.prompt_len = usage.get("prompt_tokens", res.prompt_len)
+            res.cached_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        if tokenize is not None:
+            res.output_ids = tokenize("".join(text))
+        res.success = res.output_len > 0 or output_len == 0
+        if not res.success:
+            res.error = "no output"
+    except Exception as e:  # noqa: BLE001
+        res.error = f"{type(e).__name__}: {e}"
+    return res
