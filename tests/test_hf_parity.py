@@ -5,7 +5,6 @@ hits on a second round, and a KV pool small enough to force retraction."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import radixlm
 from tests.conftest import ARCHS, random_prompts

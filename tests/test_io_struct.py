@@ -51,14 +51,12 @@ def _samples():
                      _out("c", FinishReason("length", length=3), lps=False),
                      _out("d", FinishReason("abort", message="Aborted by the client")),
                      _out("e", FinishReason("stop", matched=0))],
-            detok_params=[detok, DetokenizeParams(), detok, DetokenizeParams(), DetokenizeParams(stop=["x"])],
-            input_logprobs=[None, [[None, 1, None], [-0.5, 2, None]], None, None, []]),
-        StrOut: StrOut("b", "héllo wörld ✓", _out("b", FinishReason("stop", matched="END")),
-                       input_logprobs=[[None, 1, None], [-0.5, 2, "x"]]),
+            detok_params=[detok, DetokenizeParams(), detok, DetokenizeParams(), DetokenizeParams(stop=["x"])]),
+        StrOut: StrOut("b", "héllo wörld ✓", _out("b", FinishReason("stop", matched="END"))),
         BatchStrOut: BatchStrOut([
             StrOut("a", "", _out("a", None)),
             StrOut("b", "tail\ufffd", _out("b", FinishReason("length", length=3), lps=False)),
-            StrOut("c", "é", _out("c", FinishReason("abort", message="boom")), input_logprobs=[]),
+            StrOut("c", "é", _out("c", FinishReason("abort", message="boom"))),
         ]),
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from radixlm.core import FinishReason, ReqOutput
 
@@ -78,15 +78,13 @@ class BatchTokenIDOut:
 
     outputs: List[ReqOutput]
     detok_params: List[DetokenizeParams]
-    input_logprobs: List[Optional[list]] = field(default_factory=list)
 
 
 @dataclass
 class StrOut:
     rid: str
     text_delta: str
-    output: ReqOutput
-    input_logprobs: Optional[list] = None
+    output: ReqOutput  # carries the prompt logprobs too, with a request's first output
 
 
 @dataclass

@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from radixlm.core import FinishReason, ReqOutput
 from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
