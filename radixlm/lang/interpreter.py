@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from radixlm.lang.chat_template import ChatTemplate
-from radixlm.lang.ir import (Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select,
+from radixlm.lang.ir import (RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select,
                              VarScopeBegin, VarScopeEnd, to_expr)
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class StreamExecutor:
         return kids
 
 
-class ProgramState:
+class ProgramState(RoleSyntax):
     """The `s` of a program: `s += ...` appends, `s["name"]` reads a variable (waiting for it)."""
 
     def __init__(self, executor: StreamExecutor):
@@ -277,32 +277,6 @@ class ProgramState:
         self.stream_executor.submit(to_expr(other))
         return self
 
-    def _role(self, role: str, expr: Any = None):
-        if expr is None:
-            return self._role_scope(role)
-        self += ExprList([RoleBegin(role), to_expr(expr), RoleEnd(role)])
-        return None
-
-    @contextlib.contextmanager
-    def _role_scope(self, role: str):
-        self += RoleBegin(role)
-        yield
-        self += RoleEnd(role)
-
-    def system(self, expr: Any = None):
-        return self._role("system", expr)
-
-    def user(self, expr: Any = None):
-        return self._role("user", expr)
-
-    def assistant(self, expr: Any = None):
-        return self._role("assistant", expr)
-
-    @contextlib.contextmanager
-    def var_scope(self, name: str):
-        self += VarScopeBegin(name)
-        yield
-        self += VarScopeEnd(name)
 
     # ------------------------------------------------------------------ variables
     def __getitem__(self, name: str) -> Any:

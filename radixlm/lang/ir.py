@@ -8,6 +8,7 @@ dtype -> regex rules of `gen(dtype=...)`. Expressions are plain data: the interp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -232,3 +233,34 @@ def _schema_text(schema: Any) -> Optional[str]:
         if hasattr(schema, "model_json_schema"):
             return json.dumps(schema.model_json_schema())
         raise
+
+class RoleSyntax:
+    """`s.user(expr)`, `with s.user():`, `s.var_scope(name)`: shared by running and tracing states,
+    which both accept `+=` of expressions."""
+
+    def _role(self, role: str, expr: Any = None):
+        if expr is None:
+            return self._role_scope(role)
+        self += ExprList([RoleBegin(role), to_expr(expr), RoleEnd(role)])
+        return None
+
+    @contextlib.contextmanager
+    def _role_scope(self, role: str):
+        self += RoleBegin(role)
+        yield
+        self += RoleEnd(role)
+
+    def system(self, expr: Any = None):
+        return self._role("system", expr)
+
+    def user(self, expr: Any = None):
+        return self._role("user", expr)
+
+    def assistant(self, expr: Any = None):
+        return self._role("assistant", expr)
+
+    @contextlib.contextmanager
+    def var_scope(self, name: str):
+        self += VarScopeBegin(name)
+        yield
+        self += VarScopeEnd(name)

@@ -20,7 +20,7 @@ import traceback as tb
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from radixlm.lang.chat_template import CHATML, ChatTemplate
-from radixlm.lang.ir import (Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, Select, VarScopeBegin, VarScopeEnd,
+from radixlm.lang.ir import (RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, Select, VarScopeBegin, VarScopeEnd,
                              to_expr)
 
 _MARK_RE = re.compile("\x00rl:(arg|var):([^\x00]*)\x00")
@@ -169,7 +169,7 @@ class ProgramGraph:
     __repr__ = __str__
 
 
-class TracerState:
+class TracerState(RoleSyntax):
     """Stands in for ProgramState while tracing."""
 
     def __init__(self, graph: ProgramGraph, branch: str, template: ChatTemplate, arguments: Dict[str, Any]):
@@ -298,32 +298,6 @@ class TracerState:
     def text_iter(self, var_name: Optional[str] = None):
         return iter(())
 
-    def _role(self, role: str, expr: Any = None):
-        if expr is None:
-            return self._role_scope(role)
-        self += ExprList([RoleBegin(role), to_expr(expr), RoleEnd(role)])
-        return None
-
-    @contextlib.contextmanager
-    def _role_scope(self, role: str):
-        self += RoleBegin(role)
-        yield
-        self += RoleEnd(role)
-
-    def system(self, expr: Any = None):
-        return self._role("system", expr)
-
-    def user(self, expr: Any = None):
-        return self._role("user", expr)
-
-    def assistant(self, expr: Any = None):
-        return self._role("assistant", expr)
-
-    @contextlib.contextmanager
-    def var_scope(self, name: str):
-        self += VarScopeBegin(name)
-        yield
-        self += VarScopeEnd(name)
 
     def fork(self, size: int = 1) -> "TracerGroup":
         labels = [f"{self.branch}/fork{self.n_forks}[{i}]" for i in range(size)]
