@@ -26,6 +26,31 @@ def _sse_payloads(line: str):
     return json.loads(data)
 
 
+async def _events(client: httpx.AsyncClient, url: str, payload: dict, res: RequestResult):
+    """Yields (arrival time, event) for each SSE event; an HTTP or in-stream error ends the stream
+    with `res.error` set."""
+    async with client.stream("POST", url, json=payload) as resp:
+        if resp.status_code != 200:
+            res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+            return
+        async for line in resp.aiter_lines():
+            d = _sse_payloads(line)
+            if d is None:
+                continue
+            if "error" in d:
+                res.error = str(d["error"])
+                return
+            yield time.perf_counter(), d
+
+
+def _finish(res: RequestResult, st: float, output_len: int) -> RequestResult:
+    res.latency = time.perf_counter() - st
+    res.success = res.output_len > 0 or output_len == 0
+    if not res.success:
+        res.error = "no output"
+    return res
+
+
 async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
                          t_origin: float, extra: Optional[dict] = None) -> RequestResult:
     payload = {"input_ids": prompt_ids, "stream": True,
@@ -38,38 +63,25 @@ async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: L
     last = st
     n_seen = 0
     try:
-        async with client.stream("POST", base_url + "/generate", json=payload) as resp:
-            if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return res
-            async for line in resp.aiter_lines():
-                d = _sse_payloads(line)
-                if d is None:
-                    continue
-                if "error" in d:
-                    res.error = str(d["error"])
-                    return res
-                now = time.perf_counter()
-                ids = d.get("output_ids") or []
-                k = len(ids) - n_seen
-                if k > 0:
-                    if n_seen == 0:
-                        res.ttft = now - st
-                    else:
-                        res.itl.extend([(now - last) / k] * k)
-                    last = now
-                    n_seen = len(ids)
-                meta = d.get("meta_info", {})
-                res.output_ids = ids
-                res.output_len = meta.get("completion_tokens", len(ids))
-                res.prompt_len = meta.get("prompt_tokens", res.prompt_len)
-                res.cached_tokens = meta.get("cached_tokens", 0)
-                if "e2e_latency" in meta:
-                    res.server_e2e = meta["e2e_latency"]
-        res.latency = time.perf_counter() - st
-        res.success = res.output_len > 0 or output_len == 0
-        if not res.success:
-            res.error = "no output"
+        async for now, d in _events(client, base_url + "/generate", payload, res):
+            ids = d.get("output_ids") or []
+            k = len(ids) - n_seen
+            if k > 0:
+                if n_seen == 0:
+                    res.ttft = now - st
+                else:
+                    res.itl.extend([(now - last) / k] * k)
+                last = now
+                n_seen = len(ids)
+            meta = d.get("meta_info", {})
+            res.output_ids = ids
+            res.output_len = meta.get("completion_tokens", len(ids))
+            res.prompt_len = meta.get("prompt_tokens", res.prompt_len)
+            res.cached_tokens = meta.get("cached_tokens", 0)
+            if "e2e_latency" in meta:
+                res.server_e2e = meta["e2e_latency"]
+        if not res.error:
+            _finish(res, st, output_len)
     except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
         res.error = f"{type(e).__name__}: {e}"
     return res
@@ -90,39 +102,27 @@ async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: L
     text = []
     usage = None
     try:
-        async with client.stream("POST", base_url + "/v1/completions", json=payload) as resp:
-            if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return res
-            async for line in resp.aiter_lines():
-                d = _sse_payloads(line)
-                if d is None:
-                    continue
-                if "error" in d:
-                    res.error = str(d["error"])
-                    return res
-                now = time.perf_counter()
-                if d.get("usage"):
-                    usage = d["usage"]
-                piece = "".join(c.get("text") or "" for c in d.get("choices") or [])
-                if piece:
-                    if chunks == 0:
-                        res.ttft = now - st
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                    text.append(piece)
-        res.latency = time.perf_counter() - st
+        async for now, d in _events(client, base_url + "/v1/completions", payload, res):
+            if d.get("usage"):
+                usage = d["usage"]
+            piece = "".join(c.get("text") or "" for c in d.get("choices") or [])
+            if piece:
+                if chunks == 0:
+                    res.ttft = now - st
+                else:
+                    res.itl.append(now - last)
+                last = now
+                chunks += 1
+                text.append(piece)
+        if res.error:
+            return res
         res.output_len = usage["completion_tokens"] if usage else chunks
         if usage:
             res.prompt_len = usage.get("prompt_tokens", res.prompt_len)
             res.cached_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         if tokenize is not None:
             res.output_ids = tokenize("".join(text))
-        res.success = res.output_len > 0 or output_len == 0
-        if not res.success:
-            res.error = "no output"
+        _finish(res, st, output_len)
     except Exception as e:  # noqa: BLE001
         res.error = f"{type(e).__name__}: {e}"
     return res
