@@ -282,6 +282,7 @@ class ScheduleBatch:
     sample: List[bool] = field(default_factory=list)  # per request: sample after this step (False mid-chunk)
     # per request: absolute positions [a, b) whose next-token (prompt) logprobs to compute, or None
     input_logprob_ranges: List[Optional[tuple]] = field(default_factory=list)
+    num_mixed_decode: int = 0  # the last this-many requests are decoding ones mixed into an extend step
 
     @property
     def batch_size(self) -> int:

@@ -42,6 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Order of waiting requests: lpm = longest cached prefix first (default).")
     p.add_argument("--schedule-conservativeness", type=float, default=1.0,
                    help="Scales the KV reserved for future decode tokens when admitting (higher = fewer retractions).")
+    p.add_argument("--enable-mixed-chunk", action="store_true",
+                   help="Running requests decode inside prefill steps instead of waiting for them.")
     p.add_argument("--disable-radix-cache", action="store_true", help="Turn off prefix reuse (for ablation).")
     p.add_argument("--page-size", type=int, default=1, help="Tokens per KV page (default 1).")
     p.add_argument("--attention-backend", default="auto", help="auto, torch_native (triton on CUDA when available).")

@@ -36,6 +36,7 @@ class ServerArgs:
     page_size: int = 1
     attention_backend: str = "auto"
     random_seed: int = 0
+    enable_mixed_chunk: bool = False
     # structured generation
     grammar_backend: str = "xgrammar"
     disable_jump_forward: bool = False

@@ -43,13 +43,16 @@ def arch_setup(request, model_factory, hf_reference_factory):
     {"chunked_prefill_size": 16},
     {"disable_radix_cache": True},
     {"schedule_policy": "fcfs", "max_running_requests": 3},
-], ids=["default", "chunked16", "no_radix", "fcfs_max3"])
+    {"enable_mixed_chunk": True, "chunked_prefill_size": 32, "max_running_requests": 4},
+], ids=["default", "chunked16", "no_radix", "fcfs_max3", "mixed_chunk"])
 def test_greedy_matches_hf(arch_setup, kw):
     path, ref, prompts = arch_setup
     with engine(path, **kw) as eng:
         outs = run(eng, prompts)
         assert_matches_hf(outs, prompts, ref)
         eng.check_integrity()
+        if kw.get("enable_mixed_chunk"):
+            assert eng.scheduler.stats.num_mixed_batches > 0
 
 
 def test_second_round_hits_cache(arch_setup):

@@ -58,7 +58,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
         schedule_policy=args.schedule_policy, max_running_requests=max_running,
         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
         schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
-        random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward),
+        random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward,
+        enable_mixed_chunk=args.enable_mixed_chunk),
         model_config.context_len, decode_tail, encode_text, grammar_factory)
 
 

@@ -40,6 +40,7 @@ class SchedulerConfig:
     disable_radix_cache: bool = False
     random_seed: int = 0
     enable_jump_forward: bool = True
+    enable_mixed_chunk: bool = False  # running requests decode inside prefill steps instead of waiting
 
     def __post_init__(self):
         validate_policy(self.schedule_policy)
@@ -64,6 +65,7 @@ class SchedulerStats:
     last_hit_rate: float = 0.0
     last_gen_throughput: float = 0.0  # tokens/s over the last decode log interval
     jump_forward_tokens: int = 0  # tokens appended by jump-forward instead of being decoded
+    num_mixed_batches: int = 0  # extend steps that also decoded the running requests
 
     @property
     def cache_hit_rate(self) -> float:
@@ -176,6 +178,8 @@ class Scheduler:
         """Runs one batch; returns what each touched request produced."""
         outputs: List[ReqOutput] = []
         batch = self._get_new_batch_prefill(outputs)
+        if batch is not None and self.cfg.enable_mixed_chunk and self.running:
+            self._mix_in_decode(batch)
         if batch is None and self.running:
             batch = self._get_decode_batch(outputs)
         if batch is None:
@@ -193,8 +197,30 @@ class Scheduler:
             outputs.extend(self._process_decode(batch, result))
         else:
             outputs.extend(self._process_prefill(batch, result))
+            if batch.num_mixed_decode:
+                n = batch.batch_size - batch.num_mixed_decode
+                outputs.extend(self._advance_decoding(batch.reqs[n:], result, sum(batch.sample[:n])))
         return outputs
 
+    def _mix_in_decode(self, batch: ScheduleBatch) -> None:
+        """Appends every running request's next token to an extend batch (SGLang's mixed chunk), so
+        long prefills do not stall decoding. Skipped when the pool cannot give each a slot now."""
+        reqs = [r for r in self.running if r not in batch.reqs]
+        if not reqs:
+            return
+        loc = self.allocator.alloc_extend(self._last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+        if loc is None:
+            return
+        self._write_decode_slots(reqs, loc)
+        batch.reqs.extend(reqs)
+        batch.input_ids.extend(r.output_ids[-1] for r in reqs)
+        batch.out_cache_loc = torch.cat([batch.out_cache_loc, loc.to(batch.out_cache_loc.device)])
+        batch.prefix_lens.extend(r.kv_len for r in reqs)
+        batch.extend_lens.extend([1] * len(reqs))
+        batch.sample.extend([True] * len(reqs))
+        batch.input_logprob_ranges.extend([None] * len(reqs))
+        batch.num_mixed_decode = len(reqs)
+        self.stats.num_mixed_batches += 1
     def _fail_batch(self, batch: ScheduleBatch, message: str) -> List[ReqOutput]:
         """Returns every slot the failed step took and aborts its requests."""
         self.allocator.free(batch.out_cache_loc)
@@ -347,7 +373,8 @@ class Scheduler:
     def _process_prefill(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
         outputs = []
         sampled = iter(range(len(result.next_token_ids)))
-        for i, (req, do_sample) in enumerate(zip(batch.reqs, batch.sample)):
+        n = batch.batch_size - batch.num_mixed_decode  # mixed-in decoding requests are handled after
+        for i, (req, do_sample) in enumerate(zip(batch.reqs[:n], batch.sample[:n])):
             if result.input_logprobs is not None and result.input_logprobs[i]:
                 req.input_logprobs.extend(result.input_logprobs[i])
             req.kv_len += req.extend_len
@@ -381,15 +408,18 @@ class Scheduler:
                 break
             if not self._retract_one(outputs):
                 return None
+        self._write_decode_slots(reqs, loc)
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
+                             [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs))
+
+    def _write_decode_slots(self, reqs: Sequence[Req], loc: torch.Tensor) -> None:
         table = self.req_to_token_pool.req_to_token
         rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
         cols = torch.tensor([r.kv_len for r in reqs], device=table.device)
         table[rows, cols] = loc.to(table.device)
         for req in reqs:
             req.prefix_len, req.extend_len = req.kv_len, 1
-        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
-        return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
-                             [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs))
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
         """Preempts the least-progressed request (SGLang's order); False when nothing can go."""
@@ -415,17 +445,22 @@ class Scheduler:
                     old, self.new_token_ratio)
         return True
 
-    def _process_decode(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
+    def _advance_decoding(self, reqs: List[Req], result, offset: int) -> List[ReqOutput]:
+        """Decoding requests took one step: append their tokens (result rows from `offset` on)."""
         outputs = []
-        for i, req in enumerate(batch.reqs):
+        for i, req in enumerate(reqs):
             req.kv_len += 1
-            outputs.append(self._append_token(req, result, i))
-        for req in [r for r in batch.reqs if r.finished or r.pending_tokens]:
+            outputs.append(self._append_token(req, result, offset + i))
+        for req in [r for r in reqs if r.finished or r.pending_tokens]:
             self.running.remove(req)
             if req.finished:
                 self._free_or_cache(req)
             else:
                 self._park_for_extend(req)
+        return outputs
+
+    def _process_decode(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
+        outputs = self._advance_decoding(batch.reqs, result, 0)
         self.stats.num_decode_batches += 1
         self._decode_tokens_since_log += len(batch.reqs)
         if self.stats.num_decode_batches % DECODE_LOG_INTERVAL == 0:
