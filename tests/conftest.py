@@ -71,3 +71,18 @@ def hf_reference_factory():
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def path(model_factory):
+    """The tiny llama checkpoint most engine-level test modules share."""
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def eng(path):
+    """One default Engine per test module on `path`."""
+    import radixlm
+
+    with radixlm.Engine(model_path=path, log_level="warning") as e:
+        yield e

@@ -26,17 +26,6 @@ def prompts_for(seed: int, lengths: List[int], vocab: int = 515) -> List[List[in
     return random_prompts(seed, lengths, vocab, avoid=SPECIAL)
 
 
-@pytest.fixture(scope="module")
-def path(model_factory):
-    return model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def eng(path):
-    with radixlm.Engine(model_path=path, log_level="warning") as e:
-        yield e
-
-
 def wait_idle(eng, timeout: float = 10.0) -> Dict:
     deadline = time.monotonic() + timeout
     while True:

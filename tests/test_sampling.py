@@ -13,24 +13,12 @@ from typing import Dict, List
 import pytest
 import torch
 
-import radixlm
 from tests.conftest import random_prompts
 
 SPECIAL = (0, 1, 2)  # <|endoftext|> (eos), <|im_start|>, <|im_end|> (eos)
 EOS = 0
 
 TEXT_PROMPTS = ["The quick brown fox", "Once upon a time", "Hello world, this is", "In the beginning"]
-
-
-@pytest.fixture(scope="module")
-def path(model_factory):
-    return model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def eng(path):
-    with radixlm.Engine(model_path=path, log_level="warning") as e:
-        yield e
 
 
 @pytest.fixture(scope="module")

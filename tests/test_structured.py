@@ -30,17 +30,6 @@ SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def path(model_factory):
-    return model_factory("llama")
-
-
-@pytest.fixture(scope="module")
-def eng(path):
-    with radixlm.Engine(model_path=path, log_level="warning") as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
 def eng_jf(path):
     """Compact JSON (no free whitespace): the grammar forces long stretches, jump-forward on."""
     with radixlm.Engine(model_path=path, log_level="warning", constrained_json_disable_any_whitespace=True) as e:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from radixlm.lang.chat_template import ChatTemplate
-from radixlm.lang.ir import (RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select,
+from radixlm.lang.ir import (ForkGroupSyntax, RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select,
                              VarScopeBegin, VarScopeEnd, to_expr)
 
 logger = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ class ProgramState(RoleSyntax):
         return f"ProgramState(text={ex.text_[-80:]!r}, variables={sorted(ex.variables)})"
 
 
-class ProgramStateGroup:
+class ProgramStateGroup(ForkGroupSyntax):
     """The states returned by `s.fork(n)`. `+=` takes an expression (for every branch), a list
     (one item per branch) or a callable `i -> expression`. `join()` waits for the branches and
     gathers their new variables into the parent as lists (one item per branch)."""
@@ -412,29 +412,6 @@ class ProgramStateGroup:
         self.states = states
         self.parent = parent
         self.joined = False
-
-    def __getitem__(self, i: int) -> ProgramState:
-        return self.states[i]
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __iter__(self):
-        return iter(self.states)
-
-    def __iadd__(self, other: Any) -> "ProgramStateGroup":
-        if callable(other) and not isinstance(other, Expr):
-            for i, st in enumerate(self.states):
-                st += other(i)
-        elif isinstance(other, (list, tuple)):
-            if len(other) != len(self.states):
-                raise ValueError(f"fork group of {len(self.states)}: got {len(other)} items")
-            for st, item in zip(self.states, other):
-                st += item
-        else:
-            for st in self.states:
-                st += other
-        return self
 
     def join(self, mode: str = "gather_variable") -> None:
         if mode != "gather_variable":

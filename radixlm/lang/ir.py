@@ -264,3 +264,33 @@ class RoleSyntax:
         self += VarScopeBegin(name)
         yield
         self += VarScopeEnd(name)
+
+
+class ForkGroupSyntax:
+    """Indexing, iteration and `+=` of the states that `s.fork(n)` returns: `+=` takes an expression
+    (for every branch), a list (one item per branch) or a callable `i -> expression`."""
+
+    states: List[Any]
+
+    def __getitem__(self, i: int):
+        return self.states[i]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __iter__(self):
+        return iter(self.states)
+
+    def __iadd__(self, other: Any):
+        if callable(other) and not isinstance(other, Expr):
+            for i, st in enumerate(self.states):
+                st += other(i)
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self.states):
+                raise ValueError(f"fork group of {len(self.states)}: got {len(other)} items")
+            for st, item in zip(self.states, other):
+                st += item
+        else:
+            for st in self.states:
+                st += other
+        return self

@@ -20,7 +20,7 @@ import traceback as tb
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from radixlm.lang.chat_template import CHATML, ChatTemplate
-from radixlm.lang.ir import (RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, Select, VarScopeBegin, VarScopeEnd,
+from radixlm.lang.ir import (ForkGroupSyntax, RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, Select, VarScopeBegin, VarScopeEnd,
                              to_expr)
 
 _MARK_RE = re.compile("\x00rl:(arg|var):([^\x00]*)\x00")
@@ -319,31 +319,10 @@ class TracerState(RoleSyntax):
         group.join()
 
 
-class TracerGroup:
+class TracerGroup(ForkGroupSyntax):
     def __init__(self, states: List[TracerState], parent: TracerState):
         self.states = states
         self.parent = parent
-
-    def __getitem__(self, i: int) -> TracerState:
-        return self.states[i]
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __iter__(self):
-        return iter(self.states)
-
-    def __iadd__(self, other: Any) -> "TracerGroup":
-        if callable(other) and not isinstance(other, Expr):
-            for i, st in enumerate(self.states):
-                st += other(i)
-        elif isinstance(other, (list, tuple)):
-            for st, item in zip(self.states, other):
-                st += item
-        else:
-            for st in self.states:
-                st += other
-        return self
 
     def join(self, mode: str = "gather_variable") -> None:
         parent = self.parent
