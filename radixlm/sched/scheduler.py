@@ -23,6 +23,7 @@ import torch
 from radixlm.constrained import grammar_key
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
+from radixlm.sched.kv_ownership import KVOwnership
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Scheduler:
         self.page_size = self.allocator.page_size
         self.eos_token_ids = set(runner.model_config.eos_token_ids)
         self.tree_cache = RadixCache(self.allocator, page_size=self.page_size, disable=cfg.disable_radix_cache)
+        self.kv = KVOwnership(self.allocator, self.req_to_token_pool, self.tree_cache)
         self.waiting: List[Req] = []
         self.running: List[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -151,7 +153,7 @@ class Scheduler:
                 out.append(self._finish(req, FinishReason("abort", message="Aborted by the client")))
         for req in list(self.running) + ([self.chunked_req] if self.chunked_req else []):
             if req.rid == rid:
-                self._free_req_kv(req)
+                self.kv.free(req)
                 if req is self.chunked_req:
                     self.chunked_req = None
                 else:
@@ -208,10 +210,10 @@ class Scheduler:
         reqs = [r for r in self.running if r not in batch.reqs]
         if not reqs:
             return
-        loc = self.allocator.alloc_extend(self._last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+        loc = self.allocator.alloc_extend(self.kv.last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
         if loc is None:
             return
-        self._write_decode_slots(reqs, loc)
+        self.kv.write_decode_slots(reqs, loc)
         batch.reqs.extend(reqs)
         batch.input_ids.extend(r.output_ids[-1] for r in reqs)
         batch.out_cache_loc = torch.cat([batch.out_cache_loc, loc.to(batch.out_cache_loc.device)])
@@ -230,18 +232,13 @@ class Scheduler:
                 self.chunked_req = None
             if req in self.running:
                 self.running.remove(req)
-            self._free_req_kv(req)
+            self.kv.free(req)
             outs.append(self._finish(req, FinishReason("abort", message=message)))
         return outs
 
     def check_integrity(self) -> None:
         """Every slot is free, in the tree, or owned by exactly one live request."""
-        self.tree_cache.check_integrity()
-        held = [self.tree_cache.all_values()]
-        for req in self.live_reqs():
-            row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-            held.append(row[req.cache_protected_len:req.kv_len])
-        self.allocator.check_integrity(torch.cat(held) if held else torch.empty(0, dtype=torch.long))
+        self.kv.check_integrity(self.live_reqs())
         if not self.has_work() and self.tree_cache.protected_size() != 0:
             raise RuntimeError(f"idle scheduler but {self.tree_cache.protected_size()} tokens still locked")
 
@@ -320,29 +317,10 @@ class Scheduler:
         if not req.output_ids:  # a resumed request (retraction, jump-forward) re-uses its own KV
             req.cached_tokens += prefix_len
 
-    def _alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:
-        loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
-        if loc is None and not self.tree_cache.disable:
-            need = sum(extend_lens) + self.page_size * len(extend_lens)
-            self.tree_cache.evict(need)
-            loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
-        return loc
-
-    def _last_slots(self, reqs: Sequence[Req]) -> List[int]:
-        """Slot of each request's last computed token (only paged allocation needs it): one gather,
-        one device sync, whatever the batch size."""
-        if self.page_size == 1 or not reqs:
-            return [-1] * len(reqs)
-        table = self.req_to_token_pool.req_to_token
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
-        cols = torch.tensor([max(r.kv_len - 1, 0) for r in reqs], device=table.device)
-        slots = table[rows, cols].tolist()
-        return [s if r.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
-
     def _build_extend_batch(self, reqs: List[Req]) -> ScheduleBatch:
         prefix_lens = [r.kv_len for r in reqs]
         extend_lens = [r.extend_len for r in reqs]
-        loc = self._alloc_with_evict(self._last_slots(reqs), prefix_lens, extend_lens)
+        loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), prefix_lens, extend_lens)
         if loc is None:  # the admission budget counted evictable tokens that are all locked after all
             raise RuntimeError("KV pool exhausted during prefill admission (budget accounting bug)")
         input_ids: List[int] = []
@@ -380,22 +358,22 @@ class Scheduler:
             req.kv_len += req.extend_len
             req.extend_is_first_chunk = False
             if req is self.chunked_req and req.kv_len < req.seq_len:
-                self._cache_unfinished(req)
+                self.kv.cache_unfinished(req)
                 continue
             if req is self.chunked_req:
                 self.chunked_req = None
             if not do_sample:  # max_new_tokens already reached (0): prefill only
-                self._free_or_cache(req)
+                self.kv.cache_finished(req)
                 outputs.append(self._attach_input_logprobs(
                     req, self._finish(req, FinishReason("length", length=len(req.output_ids)))))
                 continue
             outputs.append(self._attach_input_logprobs(req, self._append_token(req, result, next(sampled))))
             if req.finished:
-                self._free_or_cache(req)
+                self.kv.cache_finished(req)
             elif req.pending_tokens:
                 self._park_for_extend(req)
             else:
-                self._cache_unfinished(req)
+                self.kv.cache_unfinished(req)
                 self.running.append(req)
         return outputs
 
@@ -403,35 +381,27 @@ class Scheduler:
     def _get_decode_batch(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
         while True:
             reqs = list(self.running)
-            loc = self._alloc_with_evict(self._last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+            loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
             if loc is not None:
                 break
             if not self._retract_one(outputs):
                 return None
-        self._write_decode_slots(reqs, loc)
+        self.kv.write_decode_slots(reqs, loc)
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
         return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
                              [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs))
-
-    def _write_decode_slots(self, reqs: Sequence[Req], loc: torch.Tensor) -> None:
-        table = self.req_to_token_pool.req_to_token
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
-        cols = torch.tensor([r.kv_len for r in reqs], device=table.device)
-        table[rows, cols] = loc.to(table.device)
-        for req in reqs:
-            req.prefix_len, req.extend_len = req.kv_len, 1
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
         """Preempts the least-progressed request (SGLang's order); False when nothing can go."""
         if len(self.running) <= 1:
             if self.running:  # even alone it cannot get one more slot: the pool is too small
                 req = self.running.pop()
-                self._free_req_kv(req)
+                self.kv.free(req)
                 outputs.append(self._finish(req, FinishReason("abort", message="KV cache pool is too small")))
             return False
         self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
         req = self.running.pop()
-        self._free_req_kv(req)
+        self.kv.free(req)
         req.reset_kv_state()
         req.num_retractions += 1
         self.waiting.append(req)
@@ -454,7 +424,7 @@ class Scheduler:
         for req in [r for r in reqs if r.finished or r.pending_tokens]:
             self.running.remove(req)
             if req.finished:
-                self._free_or_cache(req)
+                self.kv.cache_finished(req)
             else:
                 self._park_for_extend(req)
         return outputs
@@ -537,9 +507,9 @@ class Scheduler:
         """A request holding jump-forward tokens goes back to the queue with its computed KV in the
         radix cache; its next admission hits that prefix and extends the new tokens at once."""
         if self.tree_cache.disable:
-            self._free_req_kv(req)
+            self.kv.free(req)
         else:
-            self._free_or_cache(req)
+            self.kv.cache_finished(req)
         req.reset_kv_state()
         self.waiting.append(req)
 
@@ -584,57 +554,3 @@ class Scheduler:
         return ReqOutput(req.rid, [], reason, len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
                          [] if req.return_logprob else None, [] if req.return_logprob else None,
                          req.num_retractions)
-
-    # ------------------------------------------------------------------ KV ownership
-    def _row(self, req: Req) -> torch.Tensor:
-        return self.req_to_token_pool.req_to_token[req.req_pool_idx]
-
-    def _free_req_kv(self, req: Req) -> None:
-        """Returns the request's own slots and row to the pools and drops its lock (no caching)."""
-        if req.req_pool_idx is None:
-            return
-        row = self._row(req)
-        if req.kv_len > req.cache_protected_len:
-            self.allocator.free(row[req.cache_protected_len:req.kv_len].clone())
-        if req.last_node is not None:
-            self.tree_cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node = None, None
-
-    def _insert_computed(self, req: Req) -> int:
-        """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.
-        Returns the aligned length now held by the tree."""
-        aligned = req.kv_len // self.page_size * self.page_size
-        row = self._row(req)
-        key = req.fill_ids[:aligned]
-        present = self.tree_cache.insert(key, row[:aligned].clone())
-        if present > req.cache_protected_len:
-            self.allocator.free(row[req.cache_protected_len:present].clone())
-        return aligned
-
-    def _free_or_cache(self, req: Req) -> None:
-        """A finished request: its computed KV goes into the radix cache (unless disabled)."""
-        if self.tree_cache.disable or req.req_pool_idx is None:
-            self._free_req_kv(req)
-            return
-        aligned = self._insert_computed(req)
-        row = self._row(req)
-        if req.kv_len > aligned:
-            self.allocator.free(row[aligned:req.kv_len].clone())
-        self.tree_cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node = None, None
-        req.cache_protected_len = req.kv_len = 0
-
-    def _cache_unfinished(self, req: Req) -> None:
-        """A request that continues: share what it computed so far and lock it for the request."""
-        if self.tree_cache.disable:
-            return
-        aligned = self._insert_computed(req)
-        match = self.tree_cache.match_prefix(req.fill_ids[:aligned])
-        assert len(match.indices) == aligned, "tree lost a prefix that was just inserted"
-        self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
-        self.tree_cache.inc_lock_ref(match.last_node)
-        self.tree_cache.dec_lock_ref(req.last_node)
-        req.last_node = match.last_node
-        req.cache_protected_len = aligned

@@ -1,0 +1,111 @@
+"""KV ownership of requests: who holds which pool slot, and the hand-overs between a request,
+the radix cache and the free pool.
+
+Owns the invariant the scheduler's `check_integrity` verifies: every slot is free, held by the radix
+tree, or held by exactly one request as `req_to_token[row, cache_protected_len:kv_len]` (the first
+`cache_protected_len` slots of a row belong to the tree, locked through `req.last_node`).
+It decides nothing about which requests run: that is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+from radixlm.core import Req
+
+
+class KVOwnership:
+    def __init__(self, allocator, req_to_token_pool, tree_cache):
+        self.allocator = allocator
+        self.req_to_token_pool = req_to_token_pool
+        self.tree_cache = tree_cache
+        self.page_size = allocator.page_size
+
+    def check_integrity(self, live_reqs: Iterable[Req]) -> None:
+        self.tree_cache.check_integrity()
+        held = [self.tree_cache.all_values()]
+        for req in live_reqs:
+            held.append(self.row(req)[req.cache_protected_len:req.kv_len])
+        self.allocator.check_integrity(torch.cat(held))
+
+    def alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:
+        loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
+        if loc is None and not self.tree_cache.disable:
+            need = sum(extend_lens) + self.page_size * len(extend_lens)
+            self.tree_cache.evict(need)
+            loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
+        return loc
+
+    def last_slots(self, reqs: Sequence[Req]) -> List[int]:
+        """Slot of each request's last computed token (only paged allocation needs it): one gather,
+        one device sync, whatever the batch size."""
+        if self.page_size == 1 or not reqs:
+            return [-1] * len(reqs)
+        table = self.req_to_token_pool.req_to_token
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
+        cols = torch.tensor([max(r.kv_len - 1, 0) for r in reqs], device=table.device)
+        slots = table[rows, cols].tolist()
+        return [s if r.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
+
+    def write_decode_slots(self, reqs: Sequence[Req], loc: torch.Tensor) -> None:
+        table = self.req_to_token_pool.req_to_token
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
+        cols = torch.tensor([r.kv_len for r in reqs], device=table.device)
+        table[rows, cols] = loc.to(table.device)
+        for req in reqs:
+            req.prefix_len, req.extend_len = req.kv_len, 1
+
+    def row(self, req: Req) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token[req.req_pool_idx]
+
+    def free(self, req: Req) -> None:
+        """Returns the request's own slots and row to the pools and drops its lock (no caching)."""
+        if req.req_pool_idx is None:
+            return
+        row = self.row(req)
+        if req.kv_len > req.cache_protected_len:
+            self.allocator.free(row[req.cache_protected_len:req.kv_len].clone())
+        if req.last_node is not None:
+            self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node = None, None
+
+    def _insert_computed(self, req: Req) -> int:
+        """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.
+        Returns the aligned length now held by the tree."""
+        aligned = req.kv_len // self.page_size * self.page_size
+        row = self.row(req)
+        key = req.fill_ids[:aligned]
+        present = self.tree_cache.insert(key, row[:aligned].clone())
+        if present > req.cache_protected_len:
+            self.allocator.free(row[req.cache_protected_len:present].clone())
+        return aligned
+
+    def cache_finished(self, req: Req) -> None:
+        """A finished request: its computed KV goes into the radix cache (unless disabled)."""
+        if self.tree_cache.disable or req.req_pool_idx is None:
+            self.free(req)
+            return
+        aligned = self._insert_computed(req)
+        row = self.row(req)
+        if req.kv_len > aligned:
+            self.allocator.free(row[aligned:req.kv_len].clone())
+        self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node = None, None
+        req.cache_protected_len = req.kv_len = 0
+
+    def cache_unfinished(self, req: Req) -> None:
+        """A request that continues: share what it computed so far and lock it for the request."""
+        if self.tree_cache.disable:
+            return
+        aligned = self._insert_computed(req)
+        match = self.tree_cache.match_prefix(req.fill_ids[:aligned])
+        assert len(match.indices) == aligned, "tree lost a prefix that was just inserted"
+        self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
+        self.tree_cache.inc_lock_ref(match.last_node)
+        self.tree_cache.dec_lock_ref(req.last_node)
+        req.last_node = match.last_node
+        req.cache_protected_len = aligned
