@@ -275,7 +275,7 @@ class ScheduleBatch:
 
     reqs: List[Req]
     forward_mode: ForwardMode
-    input_ids: List[int]  # concatenated new tokens of every request
+    input_ids: List[int]  # concatenated new tokens of every request (a device tensor in overlapped decode)
     out_cache_loc: torch.Tensor  # [len(input_ids)] KV slots for them
     prefix_lens: List[int]  # per request: tokens already in the pool
     extend_lens: List[int]  # per request: new tokens this step

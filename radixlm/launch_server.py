@@ -45,6 +45,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-mixed-chunk", action="store_true",
                    help="Running requests decode inside prefill steps instead of waiting for them.")
     p.add_argument("--disable-radix-cache", action="store_true", help="Turn off prefix reuse (for ablation).")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                   help="Largest decode batch replayed from a CUDA graph (default: 160, or 8 on GPUs under 25 GiB; "
+                        "never above --max-running-requests). CUDA with the triton attention backend only.")
+    p.add_argument("--disable-cuda-graph", action="store_true",
+                   help="Run every decode step eagerly, without CUDA graphs (for debugging or ablation).")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="Process each decode step's results before launching the next, instead of while it "
+                        "computes (for debugging or ablation). Overlap needs --page-size 1.")
     p.add_argument("--page-size", type=int, default=1, help="Tokens per KV page (default 1).")
     p.add_argument("--attention-backend", default="auto", help="auto, torch_native (triton on CUDA when available).")
     p.add_argument("--random-seed", type=int, default=0, help="Seed for weights (dummy) and unseeded sampling.")

@@ -37,6 +37,12 @@ class ServerArgs:
     attention_backend: str = "auto"
     random_seed: int = 0
     enable_mixed_chunk: bool = False
+    # CUDA graphs for decode (CUDA + triton attention): batches up to cuda_graph_max_bs (None: 160, or 8
+    # on GPUs under 25 GiB; capped at max_running_requests)
+    cuda_graph_max_bs: Optional[int] = None
+    disable_cuda_graph: bool = False
+    # overlap scheduling: decode step N+1 computes while step N's results are processed (SGLang's default)
+    disable_overlap_schedule: bool = False
     # structured generation
     grammar_backend: str = "xgrammar"
     disable_jump_forward: bool = False
@@ -64,7 +70,8 @@ class ServerArgs:
             bad("model_path", "is required")
         if not (0 < self.mem_fraction_static < 1):
             bad("mem_fraction_static", "must be in (0, 1)")
-        for name in ("max_total_tokens", "max_running_requests", "context_length", "max_queued_requests"):
+        for name in ("max_total_tokens", "max_running_requests", "context_length", "max_queued_requests",
+                     "cuda_graph_max_bs"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(name, "must be at least 1")

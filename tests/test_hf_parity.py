@@ -126,11 +126,11 @@ def test_failing_batch_frees_its_memory_and_others_continue(model_factory, monke
         real = eng.scheduler.runner.forward_and_sample
         calls = {"n": 0}
 
-        def flaky(batch):
+        def flaky(batch, **kw):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("simulated device error")
-            return real(batch)
+            return real(batch, **kw)
 
         monkeypatch.setattr(eng.scheduler.runner, "forward_and_sample", flaky)
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0})

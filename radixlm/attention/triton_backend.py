@@ -8,6 +8,12 @@ the stage-1 scratch buffers); per layer, `forward_*` only launches kernels:
           the GQA group's q heads together, stage 2 merge).
 Kernel designs are described in `radixlm/attention/triton_kernels/`.
 
+CUDA graphs (decode only; `radixlm/engine/cuda_graph_runner.py`): `init_cuda_graph_state(buckets, ...)`
+fixes, per bucket batch size, the number of KV splits (from the batch size and the SM count, never
+from the lengths: the kernels skip empty splits, so more splits than a request has tokens is fine)
+and views of one stage-1 scratch buffer sized for the largest need; `init_forward_metadata_cuda_graph(bs)`
+installs them. Nothing then depends on host values, so a captured graph replays with any lengths.
+
 On CUDA the kernels compile. On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1,
 set here on first use if the kernels are not imported yet): correct but slow, for tests only;
 `auto` never picks this backend on CPU. Needs the `triton` package (CUDA builds of torch ship it).
@@ -19,7 +25,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -72,7 +78,10 @@ class TritonAttnBackend(AttentionBackend):
     extend_block_m / extend_block_n / decode_block_n: block sizes;
     num_kv_splits: a fixed number of decode KV splits (default: chosen per step);
     max_kv_splits, min_tokens_per_split: bounds of that choice;
-    num_q_heads: the model's q heads, so that even the first decode step preallocates its scratch."""
+    num_q_heads: the model's q heads, so that even the first decode step preallocates its scratch
+    (and required for CUDA graphs)."""
+
+    supports_cuda_graph = True  # decode metadata can come from static buffers (see the module docstring)
 
     def __init__(self, extend_block_m: Optional[int] = None, extend_block_n: Optional[int] = None,
                  decode_block_n: Optional[int] = None, num_kv_splits: Optional[int] = None,
@@ -95,6 +104,7 @@ class TritonAttnBackend(AttentionBackend):
         self._sm: Optional[int] = None
         self._extend: Optional[_ExtendMeta] = None
         self._decode: Optional[_DecodeMeta] = None
+        self._graph_meta: Dict[int, _DecodeMeta] = {}  # bucket batch size -> fixed decode metadata
 
     # ------------------------------------------------------------------ set-up
     def _kernels(self, device: torch.device):
@@ -125,22 +135,60 @@ class TritonAttnBackend(AttentionBackend):
             cfg["block_n"] = self.overrides["decode_block_n"]
         return cfg
 
-    def _choose_num_splits(self, batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
-        """Enough (request, kv head, split) programs to fill the GPU (~2 waves), each split keeping at
-        least `min_tokens_per_split` tokens of the longest request."""
+    def _occupancy_splits(self, batch: int, num_kv_heads: int, device: torch.device) -> int:
+        """Enough (request, kv head, split) programs to fill the GPU (~2 waves), at most
+        `max_kv_splits`; a fixed `num_kv_splits` wins. Depends on no request length."""
         if self.num_kv_splits:
             return int(self.num_kv_splits)
         cuda = device.type == "cuda"
-        min_tokens = self.min_tokens_per_split or (64 if cuda else 16)
         max_splits = self.max_kv_splits or (32 if cuda else 4)
+        if not cuda:
+            return max_splits
+        if self._sm is None:
+            self._sm = _sm_count(device)
+        return max(1, min(-(-2 * self._sm // max(1, batch * num_kv_heads)), max_splits))
+
+    def _choose_num_splits(self, batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+        """The occupancy choice, with each split keeping at least `min_tokens_per_split` tokens of
+        the longest request."""
+        if self.num_kv_splits:
+            return int(self.num_kv_splits)
+        min_tokens = self.min_tokens_per_split or (64 if device.type == "cuda" else 16)
         by_len = -(-max_len // min_tokens)
-        if cuda:
-            if self._sm is None:
-                self._sm = _sm_count(device)
-            by_occupancy = -(-2 * self._sm // max(1, batch * num_kv_heads))
-        else:
-            by_occupancy = max_splits
-        return max(1, min(by_len, by_occupancy, max_splits))
+        return max(1, min(by_len, self._occupancy_splits(batch, num_kv_heads, device)))
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def init_cuda_graph_state(self, buckets: Iterable[int], num_kv_heads: int, head_dim: int,
+                              device: torch.device) -> None:
+        """Fixed decode metadata for every bucket batch size: its split count and views of one
+        stage-1 scratch allocation (buckets replay one at a time, so they share it)."""
+        if self._num_q_heads is None:
+            raise RuntimeError("CUDA graphs need the model's q heads: create the backend with num_q_heads")
+        device = torch.device(device)
+        self._kernels(device)
+        hq, d = self._num_q_heads, head_dim
+        cfg = self._decode_cfg(head_dim, device.type == "cuda")
+        splits = {int(bs): self._occupancy_splits(int(bs), num_kv_heads, device) for bs in buckets}
+        rows = max(bs * s for bs, s in splits.items()) * hq
+        mid_o = torch.empty(rows * d, dtype=torch.float32, device=device)
+        mid_lse = torch.empty(rows, dtype=torch.float32, device=device)
+        self._graph_meta = {}
+        for bs, s in splits.items():
+            mid = (mid_o[:bs * hq * s * d].view(bs, hq, s, d), mid_lse[:bs * hq * s].view(bs, hq, s))
+            self._graph_meta[bs] = _DecodeMeta(s, cfg, mid)
+
+    def graph_num_splits(self, bs: int) -> int:
+        return self._graph_meta[bs].num_splits
+
+    def init_forward_metadata_cuda_graph(self, bs: int) -> None:
+        """Decode metadata of bucket `bs` for a step whose inputs live in the graph runner's static
+        buffers (capture, and the eager padded run); a replay needs no call at all."""
+        meta = self._graph_meta.get(bs)
+        if meta is None:
+            raise RuntimeError(f"no CUDA-graph state for batch size {bs}; init_cuda_graph_state() knows "
+                               f"{sorted(self._graph_meta)}")
+        self._extend = None
+        self._decode = meta
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.seq_lens.device

@@ -17,6 +17,8 @@ import torch
 
 from radixlm.attention import create_attention_backend
 from radixlm.core import ScheduleBatch
+from radixlm.engine.host_memory import keep_freed_host_memory
+from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
 from radixlm.engine.sampler import SampleOutput, Sampler
 from radixlm.forward_context import ForwardBatch, forward_context
 from radixlm.mem.allocator import TokenToKVPoolAllocator
@@ -41,6 +43,10 @@ class RunnerConfig:
     page_size: int = 1
     random_seed: int = 0
     show_progress: bool = False
+    # CUDA graphs for decode batches up to this size (None: 160, or 8 on GPUs under 25 GiB; never above
+    # max_running_requests); CUDA with the triton backend only
+    cuda_graph_max_bs: Optional[int] = None
+    disable_cuda_graph: bool = False
 
 
 class ModelRunner:
@@ -48,6 +54,8 @@ class ModelRunner:
         self.model_config = model_config
         self.cfg = cfg
         self.device = cfg.device
+        if str(cfg.device) == "cpu":
+            keep_freed_host_memory()
         torch.manual_seed(cfg.random_seed)
         self.model = load_model(model_config, cfg.device, cfg.load_format, cfg.random_seed, cfg.show_progress)
         self.max_total_num_tokens = self._kv_capacity()
@@ -60,6 +68,7 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(cfg.attention_backend, cfg.device,
                                                      num_q_heads=model_config.num_heads)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
+        self.cuda_graph_runner = create_cuda_graph_runner(self)  # captures now; None when graphs are off
 
     # ------------------------------------------------------------------ set-up
     def _kv_capacity(self) -> int:
@@ -93,7 +102,8 @@ class ModelRunner:
 
         return ForwardBatch(
             forward_mode=batch.forward_mode,
-            input_ids=t(batch.input_ids),
+            input_ids=(batch.input_ids.to(dev) if isinstance(batch.input_ids, torch.Tensor)
+                       else t(batch.input_ids)),
             positions=t(positions),
             out_cache_loc=batch.out_cache_loc.to(dev),
             req_pool_indices=t([r.req_pool_idx for r in batch.reqs]),
@@ -110,7 +120,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch):
-        """Runs the model; returns (logits at every request's last new token [B, vocab], hidden [T, h])."""
+        """Runs the model; returns (logits at every request's last new token [B, vocab], hidden [T, h]).
+        Decode batches the CUDA graphs cover replay one (outputs valid until the next step)."""
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         fb = self.build_forward_batch(batch)
         self.attn_backend.init_forward_metadata(fb)
         with forward_context(fb):
@@ -119,14 +132,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last]), hidden
 
     @torch.inference_mode()
-    def forward_and_sample(self, batch: ScheduleBatch) -> SampleOutput:
+    def forward_and_sample(self, batch: ScheduleBatch, defer_host_copy: bool = False) -> SampleOutput:
+        """`defer_host_copy`: the sampled ids stay on the device, with a non-blocking copy to the host in
+        flight (`SampleOutput.resolve()` waits for it); the overlap scheduler uses this."""
         logits, hidden = self.forward(batch)
         rows = [i for i, s in enumerate(batch.sample) if s]
         if rows:
             reqs = [batch.reqs[i] for i in rows]
             if len(rows) != batch.batch_size:
                 logits = logits[torch.tensor(rows, device=logits.device)]
-            out = self.sampler(logits, reqs)
+            out = self.sampler(logits, reqs, defer_host_copy=defer_host_copy)
         else:
             out = SampleOutput(next_token_ids=[])
         if any(batch.input_logprob_ranges):

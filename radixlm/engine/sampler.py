@@ -23,6 +23,20 @@ class SampleOutput:
     logprobs: Optional[List[float]] = None  # per row, None entries for rows that did not ask
     top_logprobs: Optional[List[Optional[list]]] = None
     input_logprobs: Optional[List[Optional[list]]] = None  # per batch request (see ModelRunner.input_logprobs)
+    # the sampled ids on the device (the overlap scheduler feeds them to the next step without a sync)
+    next_token_ids_device: Optional[torch.Tensor] = None
+    # deferred host copy: (ids host tensor, event or None); `resolve()` fills next_token_ids from it
+    _pending: Optional[tuple] = None
+
+    def resolve(self) -> "SampleOutput":
+        """Waits for a deferred device->host copy of the ids (no-op otherwise)."""
+        if self._pending is not None:
+            host, event = self._pending
+            if event is not None:
+                event.synchronize()
+            self.next_token_ids = host.tolist()
+            self._pending = None
+        return self
 
 
 def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
@@ -90,7 +104,7 @@ class Sampler:
         if dead.numel():  # another mask (min_new_tokens) removed what the grammar needs: let it end
             logits[dead, self.eos_token_ids[0] if self.eos_token_ids else 0] = 0.0
 
-    def __call__(self, logits: torch.Tensor, reqs: Sequence[Req]) -> SampleOutput:
+    def __call__(self, logits: torch.Tensor, reqs: Sequence[Req], defer_host_copy: bool = False) -> SampleOutput:
         logits = logits.float()
         out = SampleOutput(next_token_ids=[0] * len(reqs))
         if any(r.return_logprob for r in reqs):
@@ -108,7 +122,15 @@ class Sampler:
             ids[g] = logits[g].argmax(dim=-1)
         if sampled:
             self._sample_rows(logits, reqs, sampled, ids)
-        out.next_token_ids = ids.tolist()
+        out.next_token_ids_device = ids
+        if defer_host_copy and ids.is_cuda and not any(r.return_logprob for r in reqs):
+            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            host.copy_(ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            out._pending = (host, event)
+        else:
+            out.next_token_ids = ids.tolist()
 
         if any(r.return_logprob for r in reqs):
             chosen = raw.gather(1, ids[:, None]).squeeze(1).tolist()

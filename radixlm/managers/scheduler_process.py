@@ -39,7 +39,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
         device=args.resolved_device, attention_backend=args.attention_backend, load_format=args.load_format,
         max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
         max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed,
-        show_progress=args.show_progress))
+        show_progress=args.show_progress, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_cuda_graph=args.disable_cuda_graph))
     decode_tail = encode_text = grammar_factory = None
     if tokenizer is not None:
         def decode_tail(ids):
@@ -59,7 +60,7 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
         schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
         random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward,
-        enable_mixed_chunk=args.enable_mixed_chunk),
+        enable_mixed_chunk=args.enable_mixed_chunk, enable_overlap=not args.disable_overlap_schedule),
         model_config.context_len, decode_tail, encode_text, grammar_factory)
 
 

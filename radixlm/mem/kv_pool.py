@@ -37,13 +37,21 @@ class MHATokenToKVPool:
 
 
 class ReqToTokenPool:
-    """Rows of slot indices, one row per running request, `max_context_len` wide."""
+    """Rows of slot indices, one row per running request, `max_context_len` wide.
+
+    The last row, `padding_row`, is never handed out: it stays all zeros, i.e. it points at slot 0
+    of the allocator's padding page (which the allocator never hands out either). The padding rows
+    of a CUDA-graph decode bucket use it (seq_len 1), so they read and write only slot 0. Hence
+    `size` rows hold `size - 1` requests; the model runner makes `max_running_requests + 1`."""
 
     def __init__(self, size: int, max_context_len: int, device: str | torch.device):
+        if size < 2:
+            raise ValueError(f"ReqToTokenPool needs at least 2 rows (one is the padding row), got {size}")
         self.size = size
         self.max_context_len = max_context_len
+        self.padding_row = size - 1
         self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
-        self._free: List[int] = list(range(size - 1, -1, -1))
+        self._free: List[int] = list(range(size - 2, -1, -1))
 
     def available_size(self) -> int:
         return len(self._free)
@@ -52,8 +60,8 @@ class ReqToTokenPool:
         return self._free.pop() if self._free else None
 
     def free(self, idx: int) -> None:
-        if idx in self._free or not (0 <= idx < self.size):
-            raise RuntimeError(f"req_to_token row {idx} freed twice or out of range")
+        if idx in self._free or not (0 <= idx < self.padding_row):
+            raise RuntimeError(f"req_to_token row {idx} freed twice, out of range or the padding row")
         self._free.append(idx)
 
     def write(self, idx: int, start: int, slots: torch.Tensor) -> None:

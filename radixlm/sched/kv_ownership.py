@@ -9,7 +9,7 @@ It decides nothing about which requests run: that is the scheduler's job.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -23,11 +23,13 @@ class KVOwnership:
         self.tree_cache = tree_cache
         self.page_size = allocator.page_size
 
-    def check_integrity(self, live_reqs: Iterable[Req]) -> None:
+    def check_integrity(self, live_reqs: Iterable[Req], extra: Optional[Dict[int, int]] = None) -> None:
+        """`extra`: id(req) -> slots a step in flight holds for the request after its kv_len."""
         self.tree_cache.check_integrity()
         held = [self.tree_cache.all_values()]
         for req in live_reqs:
-            held.append(self.row(req)[req.cache_protected_len:req.kv_len])
+            end = req.kv_len + (extra or {}).get(id(req), 0)
+            held.append(self.row(req)[req.cache_protected_len:end])
         self.allocator.check_integrity(torch.cat(held))
 
     def alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:

@@ -24,6 +24,7 @@ from radixlm.constrained import grammar_key
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.kv_ownership import KVOwnership
+from radixlm.sched.overlap import ForwardWorker, InFlight, overlap_safe
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SchedulerConfig:
     random_seed: int = 0
     enable_jump_forward: bool = True
     enable_mixed_chunk: bool = False  # running requests decode inside prefill steps instead of waiting
+    enable_overlap: bool = False  # decode step N+1 computes while step N's results are processed
 
     def __post_init__(self):
         validate_policy(self.schedule_policy)
@@ -67,6 +69,8 @@ class SchedulerStats:
     last_gen_throughput: float = 0.0  # tokens/s over the last decode log interval
     jump_forward_tokens: int = 0  # tokens appended by jump-forward instead of being decoded
     num_mixed_batches: int = 0  # extend steps that also decoded the running requests
+    num_overlapped_batches: int = 0  # decode steps launched before the previous step's tokens were seen
+    num_overlap_zombies: int = 0  # requests that had finished when their overlapped step completed
 
     @property
     def cache_hit_rate(self) -> float:
@@ -104,6 +108,10 @@ class Scheduler:
         self.new_token_ratio = self.init_new_token_ratio
         self._last_decode_log = time.perf_counter()
         self._decode_tokens_since_log = 0
+        # overlap scheduling (radixlm/sched/overlap.py): chaining needs page-granular slots of 1 token,
+        # since a paged allocation would have to read the in-flight token's slot back from the device
+        self._worker = ForwardWorker(runner) if cfg.enable_overlap and self.page_size == 1 else None
+        self._inflight: Optional[InFlight] = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -145,8 +153,9 @@ class Scheduler:
                 outputs.append(self._finish(req, FinishReason("abort", message=f"Invalid grammar: {e}")))
 
     def abort_request(self, rid: str) -> List[ReqOutput]:
-        """Aborts a queued or running request; frees everything it held."""
-        out = []
+        """Aborts a queued or running request; frees everything it held. (A step in flight is
+        completed first; its outputs are returned too.)"""
+        out = self.drain()
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -162,7 +171,16 @@ class Scheduler:
         return out
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req or self._inflight)
+
+    def drain(self) -> List[ReqOutput]:
+        """Completes the step in flight (overlap scheduling), so host state is current."""
+        cur, self._inflight = self._inflight, None
+        return self._complete(cur, None) if cur is not None else []
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
 
     def flush_cache(self) -> bool:
         """Empties the radix cache; only possible when no request is in flight."""
@@ -177,7 +195,18 @@ class Scheduler:
         return 1.0 - free / self.allocator.size
 
     def step(self) -> List[ReqOutput]:
-        """Runs one batch; returns what each touched request produced."""
+        """Runs one batch; returns what each touched request produced. With overlap scheduling a
+        decode step may still be computing when this returns; the next call completes it."""
+        if self._inflight is None:
+            return self._step_fresh()
+        cur = self._inflight
+        self._inflight = nxt = self._chain_decode(cur)
+        outputs = self._complete(cur, nxt)
+        if nxt is None:  # nothing chained: the next batch is built from the now current state
+            outputs += self._step_fresh()
+        return outputs
+
+    def _step_fresh(self) -> List[ReqOutput]:
         outputs: List[ReqOutput] = []
         batch = self._get_new_batch_prefill(outputs)
         if batch is not None and self.cfg.enable_mixed_chunk and self.running:
@@ -190,6 +219,9 @@ class Scheduler:
             elif any(r.grammar_future is not None for r in self.waiting):
                 time.sleep(0.001)  # only requests waiting for their grammar: do not spin
             return outputs
+        if self._worker is not None and batch.forward_mode.is_decode:
+            self._inflight = InFlight(batch, self._worker.submit(batch))
+            return outputs
         try:
             result = self.runner.forward_and_sample(batch)
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the rest
@@ -201,7 +233,72 @@ class Scheduler:
             outputs.extend(self._process_prefill(batch, result))
             if batch.num_mixed_decode:
                 n = batch.batch_size - batch.num_mixed_decode
-                outputs.extend(self._advance_decoding(batch.reqs[n:], result, sum(batch.sample[:n])))
+                outputs.extend(self._advance_decoding(list(enumerate(batch.reqs[n:])), result, sum(batch.sample[:n])))
+        return outputs
+
+    # ------------------------------------------------------------------ overlap scheduling
+    def _chain_decode(self, cur: InFlight) -> Optional[InFlight]:
+        """Launches the decode step after `cur` before `cur`'s tokens reach the host, or returns None
+        when the next step needs them (prefill work waiting, a request that is not overlap-safe, no
+        free slots). Requests that `cur` certainly ends (by length) are left out."""
+        if not cur.batch.forward_mode.is_decode or self.waiting or self.chunked_req is not None:
+            return None
+        going = [r for r in cur.batch.reqs if not cur.is_zombie(r)]
+        if len(going) != len(self.running):
+            return None
+        reqs, rows = [], []
+        for i, req in enumerate(cur.batch.reqs):
+            if cur.is_zombie(req):
+                continue
+            if overlap_safe(req, self.context_len):
+                reqs.append(req)
+                rows.append(i)
+            elif not self._ends_by_length_next(req):
+                return None
+        if not reqs:
+            return None
+        lens = [r.kv_len + 1 for r in reqs]  # cur writes the KV of position kv_len
+        loc = self.kv.alloc_with_evict([-1] * len(reqs), lens, [1] * len(reqs))
+        if loc is None:
+            return None
+        table = self.req_to_token_pool.req_to_token
+        table[torch.tensor([r.req_pool_idx for r in reqs], device=table.device),
+              torch.tensor(lens, device=table.device)] = loc.to(table.device)
+        for req in reqs:
+            req.prefix_len, req.extend_len = req.kv_len + 1, 1
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        batch = ScheduleBatch(reqs, ForwardMode.DECODE, [], loc, lens, [1] * len(reqs), [True] * len(reqs))
+        self.stats.num_overlapped_batches += 1
+        return InFlight(batch, self._worker.submit(batch, after=cur, rows=rows))
+
+    def _ends_by_length_next(self, req: Req) -> bool:
+        return len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= self.context_len
+
+    def _complete(self, cur: InFlight, successor: Optional[InFlight]) -> List[ReqOutput]:
+        """Waits for the step `cur` and processes its results; requests that finish now but are in
+        `successor` already become its zombies."""
+        batch = cur.batch
+        try:
+            result = cur.future.result().resolve()
+        except Exception as e:  # noqa: BLE001 - fail this batch (and the one that consumed its ids)
+            logger.exception("forward failed for a batch of %d requests", batch.batch_size)
+            msg = f"internal error: {type(e).__name__}: {e}"
+            outs = self._fail_batch(batch, msg)
+            if successor is not None:
+                self._inflight = None
+                try:
+                    successor.future.result()
+                except Exception:  # noqa: BLE001 - it failed too (it needed cur's ids)
+                    pass
+                outs += self._fail_batch(successor.batch, msg)
+            return outs
+        for req in batch.reqs:
+            if cur.is_zombie(req):  # its last token's KV is computed now: hand everything over
+                self.stats.num_overlap_zombies += 1
+                req.kv_len += 1
+                self.kv.cache_finished(req)
+        live = [(i, r) for i, r in enumerate(batch.reqs) if not cur.is_zombie(r)]
+        outputs = self._process_decode(batch, result, live, successor)
         return outputs
 
     def _mix_in_decode(self, batch: ScheduleBatch) -> None:
@@ -224,7 +321,8 @@ class Scheduler:
         batch.num_mixed_decode = len(reqs)
         self.stats.num_mixed_batches += 1
     def _fail_batch(self, batch: ScheduleBatch, message: str) -> List[ReqOutput]:
-        """Returns every slot the failed step took and aborts its requests."""
+        """Returns every slot the failed step took and aborts its requests (zombies of an overlapped
+        step already finished: they only give their KV back)."""
         self.allocator.free(batch.out_cache_loc)
         outs = []
         for req in batch.reqs:
@@ -233,12 +331,17 @@ class Scheduler:
             if req in self.running:
                 self.running.remove(req)
             self.kv.free(req)
-            outs.append(self._finish(req, FinishReason("abort", message=message)))
+            if not req.finished:  # (zombies of an overlapped step have finished already)
+                outs.append(self._finish(req, FinishReason("abort", message=message)))
         return outs
 
     def check_integrity(self) -> None:
-        """Every slot is free, in the tree, or owned by exactly one live request."""
-        self.kv.check_integrity(self.live_reqs())
+        """Every slot is free, in the tree, or owned by exactly one live request (or by the step in
+        flight, whose slots come after each request's kv_len)."""
+        inflight = self._inflight.batch.reqs if self._inflight is not None else []
+        extra = {id(r): 1 for r in inflight}
+        live = {id(r): r for r in self.live_reqs() + inflight}
+        self.kv.check_integrity(live.values(), extra)
         if not self.has_work() and self.tree_cache.protected_size() != 0:
             raise RuntimeError(f"idle scheduler but {self.tree_cache.protected_size()} tokens still locked")
 
@@ -415,24 +518,31 @@ class Scheduler:
                     old, self.new_token_ratio)
         return True
 
-    def _advance_decoding(self, reqs: List[Req], result, offset: int) -> List[ReqOutput]:
-        """Decoding requests took one step: append their tokens (result rows from `offset` on)."""
+    def _advance_decoding(self, rows: List[tuple], result, offset: int,
+                          successor: Optional[InFlight] = None) -> List[ReqOutput]:
+        """Decoding requests took one step: append their tokens. `rows`: (result row - offset, req).
+        A request that finishes but is already in the `successor` step becomes its zombie."""
         outputs = []
-        for i, req in enumerate(reqs):
+        for i, req in rows:
             req.kv_len += 1
             outputs.append(self._append_token(req, result, offset + i))
-        for req in [r for r in reqs if r.finished or r.pending_tokens]:
+        in_next = {id(r) for r in successor.batch.reqs} if successor is not None else set()
+        for req in [r for _, r in rows if r.finished or r.pending_tokens]:
             self.running.remove(req)
-            if req.finished:
+            if req.finished and id(req) in in_next:
+                successor.zombies.add(id(req))
+            elif req.finished:
                 self.kv.cache_finished(req)
             else:
                 self._park_for_extend(req)
         return outputs
 
-    def _process_decode(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
-        outputs = self._advance_decoding(batch.reqs, result, 0)
+    def _process_decode(self, batch: ScheduleBatch, result, rows: Optional[List[tuple]] = None,
+                        successor: Optional[InFlight] = None) -> List[ReqOutput]:
+        rows = list(enumerate(batch.reqs)) if rows is None else rows
+        outputs = self._advance_decoding(rows, result, 0, successor)
         self.stats.num_decode_batches += 1
-        self._decode_tokens_since_log += len(batch.reqs)
+        self._decode_tokens_since_log += len(rows)
         if self.stats.num_decode_batches % DECODE_LOG_INTERVAL == 0:
             now = time.perf_counter()
             tput = self._decode_tokens_since_log / max(now - self._last_decode_log, 1e-9)

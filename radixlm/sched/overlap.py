@@ -1,0 +1,80 @@
+"""Overlap scheduling: the model computes decode step N+1 while the scheduler processes step N.
+
+Owns the forward worker (one thread that runs the model runner's steps in submission order) and
+the record of the step in flight. The scheduler (`Scheduler.step` with `enable_overlap`) uses them
+like this (SGLang's overlap scheduler, `--disable-overlap-schedule` to turn it off):
+
+    launch N+1 (its input ids are step N's sampled ids, still on the device)
+    wait for N, append its tokens, finish requests, send outputs   <- runs while N+1 computes
+
+Only decode steps chain, and only for requests whose next step does not depend on the host seeing
+step N's token: no grammar, no penalties, min_new_tokens already met, and not about to reach
+max_new_tokens or the context length (those are excluded, since the host knows they end). A request
+that stops at step N for another reason (EOS, stop token or string) is already in step N+1: it
+becomes a *zombie* of N+1: its output ends at N as usual, step N+1's token is dropped, and its KV
+(including the slot N+1 wrote, which holds its last token's KV) goes to the radix cache once N+1 is
+done. Prefill steps, aborts and cache flushes first drain the step in flight, so host-side
+changes to the pools never race with a running forward.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import List, Optional, Set
+
+import torch
+
+from radixlm.core import Req, ScheduleBatch
+
+
+def overlap_safe(req: Req, context_len: int) -> bool:
+    """Whether `req` can take a decode step whose input token the host has not seen yet."""
+    sp = req.sampling_params
+    if req.grammar is not None or req.grammar_future is not None:
+        return False
+    if sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty:
+        return False
+    if len(req.output_ids) < sp.min_new_tokens:  # the EOS mask depends on the token count
+        return False
+    # after the step in flight it will have one more token: would that end it by length?
+    if len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= context_len:
+        return False
+    return True
+
+
+@dataclass
+class InFlight:
+    """A step submitted to the worker whose result the scheduler has not processed yet."""
+
+    batch: ScheduleBatch
+    future: Future  # -> SampleOutput
+    zombies: Set[int] = field(default_factory=set)  # ids of requests that finished before this step
+
+    def is_zombie(self, req: Req) -> bool:
+        return id(req) in self.zombies
+
+
+class ForwardWorker:
+    """Runs `runner.forward_and_sample` on one background thread, in submission order. A chained
+    step's input ids are gathered, on the device, from the previous step's sampled ids."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radixlm-forward")
+
+    def submit(self, batch: ScheduleBatch, after: Optional[InFlight] = None,
+               rows: Optional[List[int]] = None) -> Future:
+        """`after`/`rows`: the request i of `batch` feeds the token sampled for row rows[i] of `after`."""
+        prev = after.future if after is not None else None
+
+        def run():
+            if prev is not None:
+                ids = prev.result().next_token_ids_device  # done: the worker ran it before this
+                batch.input_ids = ids[torch.tensor(rows, device=ids.device)]
+            return self.runner.forward_and_sample(batch, defer_host_copy=True)
+
+        return self._pool.submit(run)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
