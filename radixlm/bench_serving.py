@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --launch-server: comma list of radix,no-radix,hf, run side by side")
     ap.add_argument("--server-args", default="", help="extra launch_server flags for launched servers")
     ap.add_argument("--hf-batch-size", type=int, default=None, help="hf peer batch size (default: all requests)")
+    ap.add_argument("--hf-agent-mode", choices=["served", "per-call"], default="served",
+                    help="hf peer on agent-multiturn: 'served' = the sessions are concurrent clients of one HF worker "
+                         "(first come first served; TTFT includes waiting, as on the server); 'per-call' = sessions "
+                         "one after another, TTFT per generate call without any waiting (a lower bound)")
     return ap
 
 
@@ -254,7 +258,14 @@ def run_hf(args, wl: Workload, label: str = "hf") -> Tuple[Dict, List]:
     pbar = _progress(wl.num_requests, args.disable_tqdm, label)
     model = hf_peer.load_model(args.model_path)
     if wl.sessions is not None:
-        results, duration = hf_peer.run_agent(args.model_path, wl.sessions, model=model, progress=pbar)
+        rng, offsets, t = random.Random(args.seed), [], 0.0
+        for _ in wl.sessions:  # the same session start times as the server run's client
+            offsets.append(t)
+            if args.request_rate != float("inf"):
+                t += rng.expovariate(args.request_rate)
+        results, duration = hf_peer.run_agent(args.model_path, wl.sessions, model=model, progress=pbar,
+                                              mode=args.hf_agent_mode, max_concurrency=args.max_concurrency,
+                                              start_offsets=offsets)
     else:
         results, duration = hf_peer.run_batched(args.model_path, wl.requests, args.hf_batch_size, model=model,
                                                 progress=pbar)
@@ -262,6 +273,8 @@ def run_hf(args, wl: Workload, label: str = "hf") -> Tuple[Dict, List]:
     m = summarize(results, duration, backend="hf-transformers", dataset_name=wl.name, request_rate=args.request_rate,
                   max_concurrency=args.max_concurrency)
     m["label"] = label
+    if wl.sessions is not None:
+        m["hf_agent_mode"] = args.hf_agent_mode
     return m, results
 
 

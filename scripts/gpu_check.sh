@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared command for the GPU machine: the GPU tests of the triton attention backend,
-# then the GPU benchmark. Installs nothing. Output is tee'd to $OUT/ when OUT is set.
+# The one prepared command for the GPU machine: the GPU tests of the triton attention backend and
+# of CUDA graphs, then the GPU benchmark. Installs nothing. Output is tee'd to $OUT/ when OUT is set.
 #   bash scripts/gpu_check.sh            (from the repository root)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,8 @@ run() {  # run NAME CMD...: tee to $OUT/NAME.log when OUT is set
 }
 unset TRITON_INTERPRET
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'triton', triton.__version__)"
-run gpu_tests timeout 240 "$PY" -m pytest -m gpu tests/test_triton_kernels.py -q -x -p no:cacheprovider
+run gpu_tests timeout 300 "$PY" -m pytest -m gpu tests/test_triton_kernels.py tests/test_cuda_graph.py -q -x \
+  -p no:cacheprovider
 tests_rc=$?
 run gpu_bench timeout 480 "$PY" -m radixlm.bench.gpu
 bench_rc=$?

@@ -176,10 +176,34 @@ def test_hf_peer(tiny):
     assert dur > 0 and [r.output_len for r in res] == [r.output_len for r in reqs]
     assert all(0 < r.ttft <= r.latency for r in res)
     sess = ds.gen_agent_sessions(1, 2, 20, 5, 3, 1.0, VOCAB, seed=1)
-    res, _ = hf_peer.run_agent(tiny, sess)
+    res, _ = hf_peer.run_agent(tiny, sess, mode="per-call")
     assert [(r.turn, r.is_retry) for r in res] == [(1, False), (2, False), (2, True)]
     retry_prompt = 20 + len(sess[0].turns[0].new_ids) + 3 + len(sess[0].turns[1].retry_ids)
     assert res[2].prompt_len == retry_prompt and all(r.output_len == 3 for r in res)
+
+
+def test_hf_peer_served_agent_counts_waiting(tiny):
+    """Served mode: concurrent sessions share one HF worker; a request's TTFT includes the time it
+    waited for other sessions' calls, the outputs are those of the per-call run, and with
+    max_concurrency=1 nobody waits."""
+    from radixlm.bench import hf_peer
+
+    sess = ds.gen_agent_sessions(3, 2, 24, 6, 4, 0.0, VOCAB, seed=2)
+    per_call, _ = hf_peer.run_agent(tiny, sess, mode="per-call")
+    served, _ = hf_peer.run_agent(tiny, sess, mode="served")
+    key = lambda r: (r.session, r.turn, r.is_retry)  # noqa: E731
+    assert sorted((key(r), r.output_ids) for r in served) == sorted((key(r), r.output_ids) for r in per_call)
+    first_turns = sorted((r for r in served if r.turn == 1), key=lambda r: r.ttft)
+    assert all(r.start_time == 0.0 for r in first_turns)  # all clients sent at once...
+    for a, b in zip(first_turns, first_turns[1:]):
+        assert b.ttft >= a.latency  # ...so each waited for the calls served before it
+    serial, _ = hf_peer.run_agent(tiny, sess, mode="served", max_concurrency=1)
+    for r in serial:
+        assert 0 < r.ttft <= r.latency
+    ends = sorted((r.start_time, r.start_time + r.latency) for r in serial)
+    assert all(nxt[0] >= cur[1] - 1e-6 for cur, nxt in zip(ends, ends[1:]))  # sent only when the last one ended
+    with pytest.raises(ValueError, match="mode"):
+        hf_peer.run_agent(tiny, sess, mode="batched")
 
 
 def test_plot_optional(tmp_path):

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -107,10 +108,11 @@ def test_flags_reach_the_runner(model_factory):
 
 
 # ---------------------------------------------------------------------------------------- padding
-def _runner(path: str, device: str, graphs: bool, max_bs: int = 16) -> ModelRunner:
+def _runner(path: str, device: str, graphs: bool, max_bs: Optional[int] = 16, max_running: int = 16,
+            backend: str = "triton") -> ModelRunner:
     mc = ModelConfig.from_path(path, "float32", 256)
-    return ModelRunner(mc, RunnerConfig(device=device, attention_backend="triton", max_total_tokens=2048,
-                                        max_running_requests=16, cuda_graph_max_bs=max_bs,
+    return ModelRunner(mc, RunnerConfig(device=device, attention_backend=backend, max_total_tokens=2048,
+                                        max_running_requests=max_running, cuda_graph_max_bs=max_bs,
                                         disable_cuda_graph=not graphs))
 
 
@@ -236,19 +238,17 @@ def test_can_run_only_plain_decode_within_max_bs(cpu_runner):
 @gpu
 def test_gpu_capture_buckets(model_factory):
     path = model_factory("qwen3")
-    runner = _runner(path, "cuda", graphs=True, max_bs=20)
+    runner = _runner(path, "cuda", graphs=True, max_bs=20, max_running=32)
     gr = runner.cuda_graph_runner
     assert gr is not None and gr.use_graphs and gr.buckets == [1, 2, 4, 8, 16, 20]
     assert sorted(gr.graphs) == gr.buckets and sorted(gr.outputs) == gr.buckets and gr.capture_s > 0
+    assert gr.outputs[20][0].shape == (20, runner.model_config.vocab_size)
     del runner, gr
-    capped = ModelRunner(ModelConfig.from_path(path, "float32", 256), RunnerConfig(
-        device="cuda", attention_backend="triton", max_total_tokens=2048, max_running_requests=6))
+    capped = _runner(path, "cuda", graphs=True, max_bs=None, max_running=6)
     assert capped.cuda_graph_runner.buckets == [1, 2, 4, 6]  # default max bs, capped at max_running_requests
     del capped
     assert _runner(path, "cuda", graphs=False).cuda_graph_runner is None
-    native = ModelRunner(ModelConfig.from_path(path, "float32", 256), RunnerConfig(
-        device="cuda", attention_backend="torch_native", max_total_tokens=2048, max_running_requests=16))
-    assert native.cuda_graph_runner is None
+    assert _runner(path, "cuda", graphs=True, backend="torch_native").cuda_graph_runner is None
 
 
 @pytest.mark.gpu

@@ -14,6 +14,12 @@ from radixlm.attention.base import AttentionBackend
 from radixlm.forward_context import ForwardBatch
 
 
+def _gather(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """buf[slots] for a [N, H, D] pool buffer -> [len(slots), H, D]. index_select over one flat row per
+    slot: on CPU ~2x faster than over the 3-D buffer and ~4x faster than advanced indexing."""
+    return buf.view(buf.shape[0], -1).index_select(0, slots).view(-1, *buf.shape[1:])
+
+
 class TorchNativeAttnBackend(AttentionBackend):
     def __init__(self, **_unused):
         self._decode_idx = None
@@ -40,8 +46,8 @@ class TorchNativeAttnBackend(AttentionBackend):
             ext, pre, seq = fb.extend_seq_lens_cpu[i], fb.extend_prefix_lens_cpu[i], fb.seq_lens_cpu[i]
             slots = table[fb.req_pool_indices[i], :seq]
             qi = q[start:start + ext].transpose(0, 1).unsqueeze(0)  # [1, Hq, E, D]
-            ki = k_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hk, S, D]
-            vi = v_buf.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            ki = _gather(k_buf, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hk, S, D]
+            vi = _gather(v_buf, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
             if pre == 0:
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling,
                                                    enable_gqa=True)
@@ -60,9 +66,9 @@ class TorchNativeAttnBackend(AttentionBackend):
                            v.view(-1, layer.num_kv_heads, layer.head_dim))
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
         b, l = self._decode_idx.shape
-        flat = self._decode_idx.reshape(-1)  # index_select: ~2x faster than advanced indexing on CPU
-        keys = k_buf.index_select(0, flat).view(b, l, *k_buf.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
-        vals = v_buf.index_select(0, flat).view(b, l, *v_buf.shape[1:]).transpose(1, 2).to(q.dtype)
+        flat = self._decode_idx.reshape(-1)
+        keys = _gather(k_buf, flat).view(b, l, *k_buf.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
+        vals = _gather(v_buf, flat).view(b, l, *v_buf.shape[1:]).transpose(1, 2).to(q.dtype)
         qb = q.view(-1, layer.num_heads, 1, layer.head_dim)
         o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=self._decode_mask, scale=layer.scaling,
                                            enable_gqa=True)

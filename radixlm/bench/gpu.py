@@ -4,8 +4,12 @@
 
 Writes its own configs to a temp dir (a Llama-3.1-8B-shaped and a Qwen3-0.6B-shaped config.json;
 no tokenizer: the engine runs with skip_tokenizer_init and token ids) and prints one JSON line per
-figure, each with its fraction of a simple roofline (H200: 4.3e12 B/s HBM, 790e12 bf16 FLOP/s):
+figure, each with its fraction of a simple roofline (H200: 4.3e12 B/s HBM, 790e12 bf16 FLOP/s).
+Engines run with CUDA graphs for decode (the default); engine_ready says which batch sizes and how
+long the capture took.
   decode_b1           batch-1 decode tokens/s (512-token prompt, 256 new tokens)
+  decode_b1_no_cuda_graph
+                      the same with --disable-cuda-graph (ablation; Qwen3-0.6B shape only)
   ttft_4096           time to first token of a 4096-token prompt (median of 3 uncached prompts)
   shared_prefix_ttft  median TTFT over 16 sequential requests = 3000-token shared prefix + 500 new
   throughput_64       output tokens/s, 64 requests of 512 in / 256 out, submitted together
@@ -89,6 +93,12 @@ def make_engine(path: str, backend: str, **kw):
     return radixlm.Engine(**args)
 
 
+def cuda_graph_bs(eng) -> int:
+    """The largest decode batch the engine replays from a CUDA graph (0: graphs off)."""
+    gr = eng.scheduler.runner.cuda_graph_runner
+    return gr.max_bs if gr is not None else 0
+
+
 def close_engine(eng) -> None:
     import torch
 
@@ -143,9 +153,23 @@ def bench_decode_b1(eng, rf: Roofline, rng, shape):
     end = time.perf_counter()
     tok_s = (n - 1) / (end - first)
     ideal = 1.0 / rf.decode_step_s(1, 512 + n / 2)
-    return {"metric": "decode_b1", "shape": shape, "tokens_per_s": round(tok_s, 1), "new_tokens": n,
+    return {"metric": "decode_b1", "shape": shape, "cuda_graph": cuda_graph_bs(eng) > 0,
+            "tokens_per_s": round(tok_s, 1), "new_tokens": n,
             "ttft_s": round(first - t0, 4), "roofline_tokens_per_s": round(ideal, 1),
             "roofline_fraction": round(tok_s / ideal, 4)}
+
+
+def bench_decode_b1_no_cuda_graph(path: str, rng, shape):
+    """decode_b1 on a second, small-pool engine with --disable-cuda-graph (the ablation)."""
+    eng = make_engine(path, "triton", disable_cuda_graph=True, max_total_tokens=8192)
+    try:
+        rf = Roofline(eng)
+        eng.generate(input_ids=rand_ids(rng, 64, rf.vocab), sampling_params=greedy(8))  # compiles the kernels
+        res = bench_decode_b1(eng, rf, rng, shape)
+    finally:
+        close_engine(eng)
+    res["metric"] = "decode_b1_no_cuda_graph"
+    return res
 
 
 def bench_ttft_4096(eng, rf: Roofline, rng, shape):
@@ -252,10 +276,13 @@ def greedy_agreement(path: str, label: str, n_new: int = 32, **engine_kw) -> dic
     vocab = engine_kw.pop("vocab")
     base = [rand_ids(rng, n, vocab) for n in (7, 300, 1200)]
     later = [base[1] + rand_ids(rng, 50, vocab), base[2] + rand_ids(rng, 1, vocab)]
-    got = {}
+    got, graph_bs = {}, 0
     for backend in ("triton", "torch_native"):
-        eng = make_engine(path, backend, **engine_kw)
+        # decode batches here hold at most 3 requests: graphs up to 8 keep the capture short
+        eng = make_engine(path, backend, cuda_graph_max_bs=8, **engine_kw)
         try:
+            if backend == "triton":
+                graph_bs = cuda_graph_bs(eng)
             a = eng.generate(input_ids=base, sampling_params=greedy(n_new))
             b = eng.generate(input_ids=later, sampling_params=greedy(n_new))
             got[backend] = [o["output_ids"] for o in a + b]
@@ -267,7 +294,7 @@ def greedy_agreement(path: str, label: str, n_new: int = 32, **engine_kw) -> dic
         k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
         first_diff.append(k)
     distinct = len({t for seq in nat for t in seq})
-    return {"metric": "greedy_agreement", "model": label, "tokens_per_prompt": n_new,
+    return {"metric": "greedy_agreement", "model": label, "tokens_per_prompt": n_new, "triton_cuda_graph_bs": graph_bs,
             "agree": all(k >= n_new for k in first_diff), "agreeing_prefix_per_prompt": first_diff,
             "distinct_tokens": distinct, "triton_first": tri[0][:8], "native_first": nat[0][:8]}
 
@@ -294,19 +321,25 @@ def run_correctness(root: str, budget: Budget) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ main
-WORKLOADS = ["decode_b1", "ttft_4096", "shared_prefix_ttft", "throughput_64", "offline_1000"]
+WORKLOADS = ["decode_b1", "decode_b1_no_cuda_graph", "ttft_4096", "shared_prefix_ttft", "throughput_64",
+             "offline_1000"]
+ABLATION_SHAPE = "qwen3-0.6b"  # decode_b1_no_cuda_graph runs for this shape only
 
 
 def run_shape(root: str, shape: str, budget: Budget, args) -> None:
     import torch
 
     t0 = time.perf_counter()
-    eng = make_engine(write_config(root, shape), "triton", max_running_requests=args.max_running)
+    path = write_config(root, shape)
+    eng = make_engine(path, "triton", max_running_requests=args.max_running)
     try:
         rf = Roofline(eng)
+        gr = eng.scheduler.runner.cuda_graph_runner
         emit({"metric": "engine_ready", "shape": shape, "load_s": round(time.perf_counter() - t0, 1),
               "params": rf.params, "kv_bytes_per_token": rf.kv_bytes_per_token,
-              "gpu_mem_allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 1)})
+              "gpu_mem_allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 1),
+              "cuda_graph_bs": gr.buckets if gr is not None else [],
+              "cuda_graph_capture_s": round(gr.capture_s, 1) if gr is not None else None})
         rng = random.Random(0)
         # warm-up: compiles every kernel variant (extend with and without prefix, decode)
         warm = rand_ids(rng, 200, rf.vocab)
@@ -315,6 +348,7 @@ def run_shape(root: str, shape: str, budget: Budget, args) -> None:
         eng.flush_cache()
         plan = [
             ("decode_b1", 20, lambda: bench_decode_b1(eng, rf, rng, shape)),
+            ("decode_b1_no_cuda_graph", 30, lambda: bench_decode_b1_no_cuda_graph(path, rng, shape)),
             ("ttft_4096", 10, lambda: bench_ttft_4096(eng, rf, rng, shape)),
             ("shared_prefix_ttft", 15, lambda: bench_shared_prefix(eng, rf, rng, shape)),
             ("throughput_64", 20, lambda: bench_throughput_64(eng, rf, rng, shape, budget)),
@@ -322,7 +356,7 @@ def run_shape(root: str, shape: str, budget: Budget, args) -> None:
                                                          args.max_running)),
         ]
         for name, need_s, fn in plan:
-            if name not in args.workloads:
+            if name not in args.workloads or (name == "decode_b1_no_cuda_graph" and shape != ABLATION_SHAPE):
                 continue
             if budget.left() < need_s:
                 emit({"metric": name, "shape": shape, "skipped": f"time budget spent ({budget.left():.0f}s left)"})

@@ -6,10 +6,15 @@
   time from the start of the run to its batch's first generated token (earlier batches count:
   the request was waiting), its E2E the time to the end of its batch.
 * agent-multiturn: one `generate` call per turn (batch of 1, no padding), the conversation history
-  = previous prompt + HF's own answer, exactly as the server workload. Sessions run one after
-  another (a plain `generate` loop serves one conversation at a time); TTFT is measured per call,
-  from calling `generate` to the first generated token (a streamer's second `put`), so it leaves
-  out the time a session waited for the others: this favours HF.
+  = previous prompt + HF's own answer, exactly as the server workload. Two ways to time it:
+  - `served` (default): the sessions are concurrent clients of one HF worker that runs one call at
+    a time, first come first served: the same arrival process as the server run (all sessions
+    start together, or at the client's Poisson offsets; at most `max_concurrency` requests sent at
+    once; a session sends its next turn when the previous answer is complete). Every call is a real
+    `generate`; a request's TTFT runs from the moment its client sent it, so it includes waiting for
+    the worker, as a server request's TTFT does.
+  - `per-call`: sessions one after another, TTFT from calling `generate` to its first token (a
+    streamer's second `put`), leaving out any waiting: a lower bound that favours HF.
 
 Every token is a real generated token; no KV or prefix is reused across calls (transformers has no
 cross-request cache unless the user builds one).
@@ -17,8 +22,9 @@ cross-request cache unless the user builds one).
 
 from __future__ import annotations
 
+import heapq
 import time
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from radixlm.bench.datasets import AgentSession, BenchRequest
 from radixlm.bench.metrics import RequestResult
@@ -100,30 +106,89 @@ def run_batched(model_path: str, reqs: List[BenchRequest], batch_size: Optional[
     return results, time.perf_counter() - t0
 
 
-def run_agent(model_path: str, sessions: List[AgentSession], model=None, progress=None
+def _session_calls(sess: AgentSession) -> Iterator[Tuple[List[int], int, bool]]:
+    """Yields (prompt, depth, is_retry) for every call of a session; send() it the call's output ids."""
+    history = list(sess.system_ids)
+    for depth, turn in enumerate(sess.turns, 1):
+        msgs = [(turn.new_ids, False)] + ([(turn.retry_ids, True)] if turn.retry_ids is not None else [])
+        last = None
+        for new_ids, is_retry in msgs:
+            prompt = history + new_ids
+            out = yield prompt, depth, is_retry
+            last = prompt + out
+        history = last
+
+
+def _timed_call(model, prompt: List[int], max_new: int) -> Tuple[List[int], float, float, List[float]]:
+    """(output ids, first-token time, end time, inter-token gaps), times from perf_counter."""
+    s = _as_streamer(_TimingStreamer())
+    out = _generate(model, [prompt], max_new, s)[0]
+    end = time.perf_counter()
+    return out, (s.times[0] if s.times else end), end, [b - a for a, b in zip(s.times, s.times[1:])]
+
+
+def run_agent(model_path: str, sessions: List[AgentSession], model=None, progress=None, mode: str = "served",
+              max_concurrency: Optional[int] = None, start_offsets: Optional[Sequence[float]] = None
               ) -> Tuple[List[RequestResult], float]:
+    """Runs the agent sessions (see the module docstring for `mode`). `start_offsets`: when each
+    session's client starts, in seconds from the start of the run (served mode)."""
+    if mode not in ("served", "per-call"):
+        raise ValueError(f"mode must be 'served' or 'per-call', got {mode!r}")
     model = model or load_model(model_path)
     warmup(model)
+    if mode == "per-call":
+        return _run_agent_per_call(model, sessions, progress)
+    results: List[RequestResult] = []
+    calls = [_session_calls(s) for s in sessions]
+    offsets = list(start_offsets) if start_offsets is not None else [0.0] * len(sessions)
+    # (time the request is ready to send, session): a session's next call is ready when its answer is
+    ready = [(offsets[i], i, next(calls[i])) for i in range(len(sessions))]
+    heapq.heapify(ready)
+    # send slots (max_concurrency requests in flight): the time each slot became free
+    free_slots = [0.0] * (max_concurrency or len(sessions))
+    sent: list = []  # (send time, session, call): the worker's FIFO
+    t0 = time.perf_counter()
+    while ready or sent:
+        while ready and free_slots:
+            ready_at, i, call = heapq.heappop(ready)
+            heapq.heappush(sent, (max(ready_at, heapq.heappop(free_slots)), i, call))
+        send_at, i, (prompt, depth, is_retry) = heapq.heappop(sent)
+        wait = send_at - (time.perf_counter() - t0)
+        if wait > 0:  # a session that has not started yet (Poisson start offsets)
+            time.sleep(wait)
+        out, first, end, itl = _timed_call(model, prompt, sessions[i].output_len)
+        results.append(RequestResult(
+            success=True, prompt_len=len(prompt), output_len=len(out), ttft=first - t0 - send_at, itl=itl,
+            latency=end - t0 - send_at, start_time=send_at, output_ids=out, session=sessions[i].session_id,
+            turn=depth, is_retry=is_retry))
+        if progress is not None:
+            progress.update(1)
+        heapq.heappush(free_slots, end - t0)
+        try:
+            heapq.heappush(ready, (end - t0, i, calls[i].send(out)))
+        except StopIteration:
+            pass
+    return results, time.perf_counter() - t0
+
+
+def _run_agent_per_call(model, sessions: List[AgentSession], progress) -> Tuple[List[RequestResult], float]:
     results: List[RequestResult] = []
     t0 = time.perf_counter()
     for sess in sessions:
-        history = list(sess.system_ids)
-        for depth, turn in enumerate(sess.turns, 1):
-            msgs = [(turn.new_ids, False)] + ([(turn.retry_ids, True)] if turn.retry_ids is not None else [])
-            answer_prompt, answer = None, None
-            for new_ids, is_retry in msgs:
-                prompt = history + new_ids
-                s = _as_streamer(_TimingStreamer())
-                st = time.perf_counter()
-                out = _generate(model, [prompt], sess.output_len, s)[0]
-                end = time.perf_counter()
-                first = s.times[0] if s.times else end
-                results.append(RequestResult(
-                    success=True, prompt_len=len(prompt), output_len=len(out), ttft=first - st,
-                    itl=[b - a for a, b in zip(s.times, s.times[1:])], latency=end - st, start_time=st - t0,
-                    output_ids=out, session=sess.session_id, turn=depth, is_retry=is_retry))
-                answer_prompt, answer = prompt, out
-                if progress is not None:
-                    progress.update(1)
-            history = answer_prompt + answer
+        gen = _session_calls(sess)
+        call = next(gen)
+        while True:
+            prompt, depth, is_retry = call
+            st = time.perf_counter()
+            out, first, end, itl = _timed_call(model, prompt, sess.output_len)
+            results.append(RequestResult(
+                success=True, prompt_len=len(prompt), output_len=len(out), ttft=first - st, itl=itl,
+                latency=end - st, start_time=st - t0, output_ids=out, session=sess.session_id, turn=depth,
+                is_retry=is_retry))
+            if progress is not None:
+                progress.update(1)
+            try:
+                call = gen.send(out)
+            except StopIteration:
+                break
     return results, time.perf_counter() - t0
