@@ -111,7 +111,8 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): free its request
             self.sinks.pop(out.rid, None)
             if out.finished_reason is None:
-                self.scheduler.abort_request(out.rid)
+                for other in self.scheduler.abort_request(out.rid):  # a step in flight completes first
+                    self._deliver(other)
 
     def _run(self) -> None:
         while not self._stop.is_set():

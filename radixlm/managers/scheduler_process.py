@@ -171,8 +171,9 @@ class SchedulerLoop:
         s = self.scheduler
         outs = []
         for rid in [r.rid for r in s.live_reqs() + list(s.waiting)]:
-            for o in s.abort_request(rid):
-                o.finished_reason = FinishReason("abort", message=message)
+            for o in s.abort_request(rid):  # (also the outputs of a step in flight that it completes)
+                if o.finished_reason is not None and o.finished_reason.type == "abort":
+                    o.finished_reason = FinishReason("abort", message=message)
                 outs.append(o)
         self.emit(outs)
 

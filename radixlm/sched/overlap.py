@@ -61,7 +61,10 @@ class ForwardWorker:
 
     def __init__(self, runner):
         self.runner = runner
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radixlm-forward")
+        dev = torch.device(runner.device)
+        # the CUDA current device is per thread: the worker's must be the runner's
+        init = (lambda: torch.cuda.set_device(dev)) if dev.type == "cuda" and dev.index is not None else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radixlm-forward", initializer=init)
 
     def submit(self, batch: ScheduleBatch, after: Optional[InFlight] = None,
                rows: Optional[List[int]] = None) -> Future:

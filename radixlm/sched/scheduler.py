@@ -123,6 +123,9 @@ class Scheduler:
         if needed > self.allocator.size:
             raise ValueError(f"The input ({len(req.origin_input_ids)} tokens) needs more KV cache than the pool "
                              f"holds ({self.allocator.size} tokens); raise max_total_tokens")
+        dev = torch.device(self.runner.device)
+        if req.generator is not None and req.generator.device != dev:  # sample on the device: no host sync
+            req.generator = torch.Generator(device=dev).manual_seed(req.generator.initial_seed())
         key = grammar_key(req.sampling_params)
         if key is not None:
             req.grammar_future = self.grammar_backend().compile_async(key)
