@@ -33,7 +33,8 @@ import httpx
 from radixlm.bench import datasets as ds
 from radixlm.bench.metrics import RequestResult, cache_delta, format_summary, summarize
 
-SETTINGS = ("radix", "no-radix", "hf")
+SETTINGS = ("radix", "no-radix", "no-overlap", "hf")
+SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--launch-server", action="store_true", help="start the server(s) here (needs --model-path)")
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--compare", default=None,
-                    help="with --launch-server: comma list of radix,no-radix,hf, run side by side")
+                    help="with --launch-server: comma list of radix,no-radix,no-overlap,hf, run side by side "
+                         "(no-overlap: radix with --disable-overlap-schedule)")
     ap.add_argument("--server-args", default="", help="extra launch_server flags for launched servers")
     ap.add_argument("--hf-batch-size", type=int, default=None, help="hf peer batch size (default: all requests)")
     ap.add_argument("--hf-agent-mode", choices=["served", "per-call"], default="served",
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
             if bad:
                 raise SystemExit(f"--compare: unknown {bad}; choose from {SETTINGS}")
             if any(s != "hf" for s in settings) and not args.launch_server:
-                raise SystemExit("--compare radix/no-radix need --launch-server")
+                raise SystemExit("--compare radix/no-radix/no-overlap need --launch-server")
             tokenizer = load_tokenizer(args.tokenizer or args.model_path)
             wl = build_workload(args, tokenizer)
             args.flush_cache = True
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
                 else:
                     from radixlm.bench.launcher import LaunchedServer
 
-                    extra = shlex.split(args.server_args) + (["--disable-radix-cache"] if s == "no-radix" else [])
+                    extra = shlex.split(args.server_args) + SETTING_FLAGS[s]
                     with LaunchedServer(args.model_path, extra) as srv:
                         m, res = run_against_server(args, srv.base_url, wl, tokenizer, label=s)
                 m["label"] = s

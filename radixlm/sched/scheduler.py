@@ -2,9 +2,11 @@
 
 Owns the waiting queue, the running (decoding) requests, the one in-flight chunked prefill, the
 radix cache and KV ownership of every request. Each `step()` picks one batch (a prefill/extend
-batch when one can be formed, else a decode batch), has the model runner compute it, appends
-tokens, finishes requests, and returns `ReqOutput`s. It never tokenizes or detokenizes full
-texts (it decodes a short tail only to detect stop strings) and never touches HTTP.
+batch when one can be formed, else a decode batch), has the model runner compute it, hands the
+sampled tokens to the OutputProcessor (sched/output_processor.py: stop checks, grammar,
+jump-forward), releases finished requests' KV, and returns `ReqOutput`s. With overlap scheduling
+(sched/overlap.py) a decode step computes while the previous one is processed. It never
+tokenizes full texts and never touches HTTP.
 
 KV ownership (the invariant `check_integrity` verifies): every pool slot is free, held by the
 radix tree, or held by exactly one request as `req_to_token[row, cache_protected_len:kv_len]`.
@@ -24,6 +26,7 @@ from radixlm.constrained import grammar_key
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.kv_ownership import KVOwnership
+from radixlm.sched.output_processor import OutputProcessor
 from radixlm.sched.overlap import ForwardWorker, InFlight, overlap_safe
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
 
@@ -86,20 +89,19 @@ class Scheduler:
         self.runner = runner
         self.cfg = cfg
         self.context_len = context_len
-        self.decode_tail = decode_tail  # token ids -> text, for stop strings and jump-forward
-        self.encode_text = encode_text  # text -> token ids, for jump-forward re-tokenization
         self._grammar_factory = grammar_factory
         self._grammar_backend = None
         self.allocator = runner.allocator
         self.req_to_token_pool = runner.req_to_token_pool
         self.page_size = self.allocator.page_size
-        self.eos_token_ids = set(runner.model_config.eos_token_ids)
         self.tree_cache = RadixCache(self.allocator, page_size=self.page_size, disable=cfg.disable_radix_cache)
         self.kv = KVOwnership(self.allocator, self.req_to_token_pool, self.tree_cache)
         self.waiting: List[Req] = []
         self.running: List[Req] = []
         self.chunked_req: Optional[Req] = None
         self.stats = SchedulerStats()
+        self.out = OutputProcessor(self.stats, runner.model_config.eos_token_ids, context_len,
+                                   cfg.enable_jump_forward, decode_tail, encode_text)
         self._rng = random.Random(cfg.random_seed)
         self._arrivals = 0
         self.init_new_token_ratio = min(0.7 * cfg.schedule_conservativeness, 1.0)
@@ -153,7 +155,7 @@ class Scheduler:
                 req.grammar = self._grammar_backend.new_matcher(fut.result())
             except Exception as e:  # noqa: BLE001 - a grammar the backend cannot compile
                 self.waiting.remove(req)
-                outputs.append(self._finish(req, FinishReason("abort", message=f"Invalid grammar: {e}")))
+                outputs.append(self.out.finish(req, FinishReason("abort", message=f"Invalid grammar: {e}")))
 
     def abort_request(self, rid: str) -> List[ReqOutput]:
         """Aborts a queued or running request; frees everything it held. (A step in flight is
@@ -162,7 +164,7 @@ class Scheduler:
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
-                out.append(self._finish(req, FinishReason("abort", message="Aborted by the client")))
+                out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         for req in list(self.running) + ([self.chunked_req] if self.chunked_req else []):
             if req.rid == rid:
                 self.kv.free(req)
@@ -170,7 +172,7 @@ class Scheduler:
                     self.chunked_req = None
                 else:
                     self.running.remove(req)
-                out.append(self._finish(req, FinishReason("abort", message="Aborted by the client")))
+                out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         return out
 
     def has_work(self) -> bool:
@@ -190,7 +192,7 @@ class Scheduler:
         if self.has_work():
             return False
         self.tree_cache.reset()
-        self.stats = SchedulerStats()
+        self.stats = self.out.stats = SchedulerStats()
         return True
 
     def token_usage(self) -> float:
@@ -335,7 +337,7 @@ class Scheduler:
                 self.running.remove(req)
             self.kv.free(req)
             if not req.finished:  # (zombies of an overlapped step have finished already)
-                outs.append(self._finish(req, FinishReason("abort", message=message)))
+                outs.append(self.out.finish(req, FinishReason("abort", message=message)))
         return outs
 
     def check_integrity(self) -> None:
@@ -470,10 +472,10 @@ class Scheduler:
                 self.chunked_req = None
             if not do_sample:  # max_new_tokens already reached (0): prefill only
                 self.kv.cache_finished(req)
-                outputs.append(self._attach_input_logprobs(
-                    req, self._finish(req, FinishReason("length", length=len(req.output_ids)))))
+                outputs.append(self.out.attach_input_logprobs(
+                    req, self.out.finish(req, FinishReason("length", length=len(req.output_ids)))))
                 continue
-            outputs.append(self._attach_input_logprobs(req, self._append_token(req, result, next(sampled))))
+            outputs.append(self.out.attach_input_logprobs(req, self.out.append_token(req, result, next(sampled))))
             if req.finished:
                 self.kv.cache_finished(req)
             elif req.pending_tokens:
@@ -503,7 +505,7 @@ class Scheduler:
             if self.running:  # even alone it cannot get one more slot: the pool is too small
                 req = self.running.pop()
                 self.kv.free(req)
-                outputs.append(self._finish(req, FinishReason("abort", message="KV cache pool is too small")))
+                outputs.append(self.out.finish(req, FinishReason("abort", message="KV cache pool is too small")))
             return False
         self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
         req = self.running.pop()
@@ -528,7 +530,7 @@ class Scheduler:
         outputs = []
         for i, req in rows:
             req.kv_len += 1
-            outputs.append(self._append_token(req, result, offset + i))
+            outputs.append(self.out.append_token(req, result, offset + i))
         in_next = {id(r) for r in successor.batch.reqs} if successor is not None else set()
         for req in [r for _, r in rows if r.finished or r.pending_tokens]:
             self.running.remove(req)
@@ -557,65 +559,7 @@ class Scheduler:
                         self.stats.jump_forward_tokens)
         return outputs
 
-    # ------------------------------------------------------------------ tokens and finishing
-    def _append_token(self, req: Req, result, i: int) -> ReqOutput:
-        tid = result.next_token_ids[i]
-        req.output_ids.append(tid)
-        new_ids = [tid]
-        self.stats.generated_tokens += 1
-        lp = tlp = None
-        if req.return_logprob:
-            lp = [result.logprobs[i]]
-            tlp = [result.top_logprobs[i] or []]
-            req.output_logprobs.extend(lp)
-            req.output_top_logprobs.extend(tlp)
-        reason = None
-        if req.grammar is not None and not req.grammar.accept_token(tid):
-            reason = FinishReason("abort", message=f"the grammar rejected token {tid}")
-        if reason is None:
-            reason = self._check_finished(req)
-        if reason is None and req.grammar is not None:
-            if req.grammar.is_terminated():
-                reason = FinishReason("stop", matched=tid)
-            elif self.cfg.enable_jump_forward and not req.return_logprob and not req.sampling_params.stop_strs \
-                    and not req.sampling_params.stop_token_ids:  # forced text is never checked for stops
-                new_ids = self._jump_forward(req) or new_ids
-                if len(new_ids) > 1:
-                    reason = self._check_finished(req)
-        if reason is not None:
-            req.finished_reason = reason
-        return ReqOutput(req.rid, new_ids, reason, len(req.origin_input_ids), len(req.output_ids),
-                         req.cached_tokens, lp, tlp, req.num_retractions)
-
-    def _jump_forward(self, req: Req) -> Optional[List[int]]:
-        """When the grammar allows exactly one continuation string, appends its tokens now (they are
-        computed by one extend instead of one decode step each). The last sampled token has no KV
-        yet, so it is re-tokenized together with the string: the boundary comes out as the
-        tokenizer would write it. Returns the tokens that replace the last one, or None."""
-        if self.encode_text is None or self.decode_tail is None:
-            return None
-        jump = req.grammar.jump_forward_string()
-        budget = req.max_new_tokens - len(req.output_ids)
-        if not jump or budget <= 0:
-            return None
-        g, tid = req.grammar, req.output_ids[-1]
-        g.rollback(1)
-        for cand in (self.encode_text(self.decode_tail([tid]) + jump)[:budget + 1],
-                     [tid] + self.encode_text(jump)[:budget]):
-            accepted = 0
-            for t in cand:
-                if not g.accept_token(t):
-                    break
-                accepted += 1
-            if accepted == len(cand) and len(cand) > 1:
-                req.output_ids[-1:] = cand
-                req.jump_forward_tokens += len(cand) - 1
-                self.stats.jump_forward_tokens += len(cand) - 1
-                return cand
-            g.rollback(accepted)
-        g.accept_token(tid)
-        return None
-
+    # ------------------------------------------------------------------ jump-forward parking
     def _park_for_extend(self, req: Req) -> None:
         """A request holding jump-forward tokens goes back to the queue with its computed KV in the
         radix cache; its next admission hits that prefix and extends the new tokens at once."""
@@ -625,45 +569,3 @@ class Scheduler:
             self.kv.cache_finished(req)
         req.reset_kv_state()
         self.waiting.append(req)
-
-    def _attach_input_logprobs(self, req: Req, out: ReqOutput) -> ReqOutput:
-        """Hands the prompt logprobs out once, with the request's first output."""
-        if not req.wants_input_logprobs:
-            return out
-        start = req.logprob_start_len
-        first = [[None, req.origin_input_ids[0]]] if start == 0 else []
-        by_pos = {p: (lp, tid, tops) for p, lp, tid, tops in req.input_logprobs}
-        rest = [by_pos[p] for p in range(max(start, 1), len(req.origin_input_ids))]
-        out.input_token_logprobs = first + [[lp, tid] for lp, tid, _ in rest]
-        if req.top_logprobs_num > 0:
-            out.input_top_logprobs = ([None] if start == 0 else []) + [tops for _, _, tops in rest]
-        req.input_logprobs_sent = True
-        req.input_logprobs = []
-        return out
-
-    def _check_finished(self, req: Req) -> Optional[FinishReason]:
-        sp = req.sampling_params
-        tid = req.output_ids[-1]
-        # (EOS and stop tokens are masked by the sampler until min_new_tokens is reached)
-        if not sp.ignore_eos and tid in self.eos_token_ids:
-            return FinishReason("stop", matched=tid)
-        if sp.stop_token_ids and tid in sp.stop_token_ids:
-            return FinishReason("stop", matched=tid)
-        if len(req.output_ids) >= req.max_new_tokens:
-            return FinishReason("length", length=len(req.output_ids))
-        if req.seq_len >= self.context_len:
-            return FinishReason("length", length=len(req.output_ids))
-        stops = sp.stop_strs
-        if stops and self.decode_tail is not None and len(req.output_ids) >= sp.min_new_tokens:
-            window = max(len(s) for s in stops) + 4
-            tail = self.decode_tail(req.output_ids[-window:])
-            for s in stops:
-                if s in tail:
-                    return FinishReason("stop", matched=s)
-        return None
-
-    def _finish(self, req: Req, reason: FinishReason) -> ReqOutput:
-        req.finished_reason = reason
-        return ReqOutput(req.rid, [], reason, len(req.origin_input_ids), len(req.output_ids), req.cached_tokens,
-                         [] if req.return_logprob else None, [] if req.return_logprob else None,
-                         req.num_retractions)
