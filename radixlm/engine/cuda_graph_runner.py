@@ -74,6 +74,13 @@ def create_cuda_graph_runner(model_runner) -> Optional["CudaGraphRunner"]:
                            "--disable-cuda-graph runs decode eagerly") from e
 
 
+def _pinned(rows) -> torch.Tensor:
+    """Host int64 tensor for a non-blocking copy: pinned on CUDA machines (unpinned where pinning
+    is unavailable, as in the CPU tests of the padding)."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
 class CudaGraphRunner:
     def __init__(self, model_runner, max_bs: int, use_graphs: bool = True):
         self.model = model_runner.model
@@ -170,14 +177,13 @@ class CudaGraphRunner:
         host = [pos + [0] * pad, [r.req_pool_idx for r in batch.reqs] + [self.padding_row] * pad,
                 [p + 1 for p in pos] + [1] * pad]
         ids = batch.input_ids
-        # non_blocking: no wait for the work in flight (a pageable source is staged before the call returns)
+        # pinned + non_blocking: no wait for the work in flight (a pageable copy would first sync the stream)
         if isinstance(ids, torch.Tensor):  # overlapped decode: last step's sampled ids, on the device
-            self._static[1:4, :n].copy_(torch.tensor(host, dtype=torch.int64), non_blocking=True)
+            self._static[1:4, :n].copy_(_pinned(host), non_blocking=True)
             self.input_ids[:bs].copy_(ids.reshape(-1))
             self.input_ids[bs:n].zero_()
         else:
-            self._static[0:4, :n].copy_(torch.tensor([list(ids) + [0] * pad] + host, dtype=torch.int64),
-                                        non_blocking=True)
+            self._static[0:4, :n].copy_(_pinned([list(ids) + [0] * pad] + host), non_blocking=True)
         self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
         self.out_cache_loc[bs:n].fill_(PADDING_SLOT)
 

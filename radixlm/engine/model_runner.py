@@ -28,8 +28,17 @@ from radixlm.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-CPU_KV_BUDGET_BYTES = 2 << 30
-INPUT_LOGPROB_CHUNK = 1024  # prompt positions per logits matmul when prompt logprobs are asked  # default KV budget on CPU when max_total_tokens is not given
+CPU_KV_BUDGET_BYTES = 2 << 30  # default KV budget on CPU when max_total_tokens is not given
+INPUT_LOGPROB_CHUNK = 1024  # prompt positions per logits matmul when prompt logprobs are asked
+
+
+def to_device_int64(values, device) -> torch.Tensor:
+    """An int64 tensor of `values` on `device`; on CUDA staged in pinned memory and copied without
+    blocking the host (a pageable copy would first wait for all work queued on the stream)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -91,25 +100,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
-        dev = self.device
+        """The step's device tensors, sent in one host->device copy: on CUDA from pinned memory and
+        non-blocking, so that preparing step N+1 never waits for step N to finish (overlap)."""
         positions, seq_lens = [], []
         for pre, ext in zip(batch.prefix_lens, batch.extend_lens):
             positions.extend(range(pre, pre + ext))
             seq_lens.append(pre + ext)
-
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=dev)
-
+        ids_on_device = isinstance(batch.input_ids, torch.Tensor)
+        rows = [positions, [r.req_pool_idx for r in batch.reqs], seq_lens, list(batch.prefix_lens),
+                list(batch.extend_lens)] + ([] if ids_on_device else [list(batch.input_ids)])
+        sizes = [len(x) for x in rows]
+        flat = to_device_int64([v for x in rows for v in x], self.device)
+        parts = list(torch.split(flat, sizes))
         return ForwardBatch(
             forward_mode=batch.forward_mode,
-            input_ids=(batch.input_ids.to(dev) if isinstance(batch.input_ids, torch.Tensor)
-                       else t(batch.input_ids)),
-            positions=t(positions),
-            out_cache_loc=batch.out_cache_loc.to(dev),
-            req_pool_indices=t([r.req_pool_idx for r in batch.reqs]),
-            seq_lens=t(seq_lens),
-            extend_prefix_lens=t(batch.prefix_lens),
-            extend_seq_lens=t(batch.extend_lens),
+            input_ids=batch.input_ids.to(self.device) if ids_on_device else parts[5],
+            positions=parts[0],
+            out_cache_loc=batch.out_cache_loc.to(self.device),
+            req_pool_indices=parts[1],
+            seq_lens=parts[2],
+            extend_prefix_lens=parts[3],
+            extend_seq_lens=parts[4],
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=list(batch.prefix_lens),
             extend_seq_lens_cpu=list(batch.extend_lens),

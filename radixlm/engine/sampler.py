@@ -116,11 +116,13 @@ class Sampler:
 
         greedy = [i for i, r in enumerate(reqs) if r.sampling_params.is_greedy]
         sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
-        ids = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-        if greedy:
-            g = torch.tensor(greedy, device=logits.device)
-            ids[g] = logits[g].argmax(dim=-1)
-        if sampled:
+        if not sampled:  # all greedy (the common serving case): no index tensors to send
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+            if greedy:
+                g = torch.tensor(greedy, device=logits.device)
+                ids[g] = logits[g].argmax(dim=-1)
             self._sample_rows(logits, reqs, sampled, ids)
         out.next_token_ids_device = ids
         if defer_host_copy and ids.is_cuda and not any(r.return_logprob for r in reqs):

@@ -26,6 +26,7 @@ from typing import List, Optional, Set
 import torch
 
 from radixlm.core import Req, ScheduleBatch
+from radixlm.engine.model_runner import to_device_int64
 
 
 def overlap_safe(req: Req, context_len: int) -> bool:
@@ -74,7 +75,10 @@ class ForwardWorker:
         def run():
             if prev is not None:
                 ids = prev.result().next_token_ids_device  # done: the worker ran it before this
-                batch.input_ids = ids[torch.tensor(rows, device=ids.device)]
+                if rows == list(range(len(rows))):  # the same requests, in order (steady decode)
+                    batch.input_ids = ids[:len(rows)]
+                else:
+                    batch.input_ids = ids[to_device_int64(rows, ids.device)]
             return self.runner.forward_and_sample(batch, defer_host_copy=True)
 
         return self._pool.submit(run)
