@@ -21,6 +21,7 @@ from radixlm.engine.host_memory import keep_freed_host_memory
 from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
 from radixlm.engine.sampler import SampleOutput, Sampler
 from radixlm.forward_context import ForwardBatch, forward_context
+from radixlm.host_copy import to_device_int64
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 from radixlm.models.loader import load_model
@@ -30,15 +31,6 @@ logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV budget on CPU when max_total_tokens is not given
 INPUT_LOGPROB_CHUNK = 1024  # prompt positions per logits matmul when prompt logprobs are asked
-
-
-def to_device_int64(values, device) -> torch.Tensor:
-    """An int64 tensor of `values` on `device`; on CUDA staged in pinned memory and copied without
-    blocking the host (a pageable copy would first wait for all work queued on the stream)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if torch.device(device).type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

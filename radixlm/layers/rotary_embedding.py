@@ -2,7 +2,10 @@
 
 Owns the cos/sin table for every position up to the context length; `forward(positions, q, k)`
 rotates flattened per-token q and k. The table is built with HF transformers' arithmetic so that
-float32 checkpoints match it.
+float32 checkpoints match it. `forward_native` is the torch reference; on CUDA, `forward` runs the
+fused Triton kernel of `radixlm.layers.triton_ops` (q and k in one launch, read in place from the
+qkv split), unless built with `fused=False` or fused kernels are switched off
+(RADIXLM_DISABLE_FUSED_KERNELS=1, see that module).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+
+from radixlm.layers import triton_ops
 
 
 def compute_inv_freq(head_dim: int, base: float, scaling: Optional[Dict[str, Any]]) -> torch.Tensor:
@@ -41,8 +46,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: Optional[Dict[str, Any]] = None):
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: Optional[Dict[str, Any]] = None,
+                 fused: bool = True):
         super().__init__()
+        self.fused = fused
         self.head_dim = head_dim
         inv_freq = compute_inv_freq(head_dim, base, scaling)
         t = torch.arange(max_position, dtype=torch.int64).float()
@@ -53,6 +60,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
+        if self.fused and triton_ops.use_fused(q) and k.dtype == q.dtype:
+            return triton_ops.ops().rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """The torch reference: q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
         q = q * cos + rotate_half(q) * sin

@@ -110,6 +110,11 @@ class TokenToKVPoolAllocator:
         then takes fresh pages. All-or-nothing: returns None and takes nothing
         if the fresh pages needed by the whole batch are not available.
         """
+        if self.page_size == 1 and not isinstance(extend_lens, Tensor):  # host lists: no device round trip
+            lens = [int(e) for e in extend_lens]
+            if any(e < 0 for e in lens):
+                raise ValueError("extend_lens must be >= 0")
+            return self.alloc(sum(lens))
         ext = self._as_i64(extend_lens)
         if ext.numel() and bool((ext < 0).any()):
             raise ValueError("extend_lens must be >= 0")

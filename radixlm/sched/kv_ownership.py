@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from radixlm.core import Req
+from radixlm.host_copy import to_device_int64
 
 
 class KVOwnership:
@@ -52,12 +53,15 @@ class KVOwnership:
         return [s if r.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
 
     def write_decode_slots(self, reqs: Sequence[Req], loc: torch.Tensor) -> None:
-        table = self.req_to_token_pool.req_to_token
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
-        cols = torch.tensor([r.kv_len for r in reqs], device=table.device)
-        table[rows, cols] = loc.to(table.device)
+        self.write_slots(reqs, [r.kv_len for r in reqs], loc)
         for req in reqs:
             req.prefix_len, req.extend_len = req.kv_len, 1
+
+    def write_slots(self, reqs: Sequence[Req], cols: Sequence[int], loc: torch.Tensor) -> None:
+        """req_to_token[req i, cols[i]] = loc[i], without waiting for queued device work."""
+        table = self.req_to_token_pool.req_to_token
+        rows = to_device_int64([r.req_pool_idx for r in reqs], table.device)
+        table[rows, to_device_int64(list(cols), table.device)] = loc.to(table.device)
 
     def row(self, req: Req) -> torch.Tensor:
         return self.req_to_token_pool.req_to_token[req.req_pool_idx]

@@ -26,7 +26,7 @@ from typing import List, Optional, Set
 import torch
 
 from radixlm.core import Req, ScheduleBatch
-from radixlm.engine.model_runner import to_device_int64
+from radixlm.host_copy import to_device_int64
 
 
 def overlap_safe(req: Req, context_len: int) -> bool:

@@ -266,9 +266,7 @@ class Scheduler:
         loc = self.kv.alloc_with_evict([-1] * len(reqs), lens, [1] * len(reqs))
         if loc is None:
             return None
-        table = self.req_to_token_pool.req_to_token
-        table[torch.tensor([r.req_pool_idx for r in reqs], device=table.device),
-              torch.tensor(lens, device=table.device)] = loc.to(table.device)
+        self.kv.write_slots(reqs, lens, loc)
         for req in reqs:
             req.prefix_len, req.extend_len = req.kv_len + 1, 1
         self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
