@@ -78,7 +78,7 @@ def test_bench_gpu_main_end_to_end_on_cpu(on_cpu, monkeypatch, capsys):
     monkeypatch.setattr(gpu, "ABLATION_SHAPE", "tiny")  # decode_b1_no_cuda_graph runs for it too
     calls = on_cpu
 
-    rc = gpu.main(["--shapes", "tiny", "--num-offline", str(NUM_OFFLINE), "--max-running", "16",
+    rc = gpu.main(["--shapes", "tiny", "--num-offline", str(NUM_OFFLINE), "--max-running", "16", "--skip-kernel-timing",
                    "--skip-correctness", "--time-budget", "120"])
     out = capsys.readouterr().out
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -8,26 +8,16 @@ Skipped entirely when triton is not installed.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first triton import: kernels are decorated then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-pytest.importorskip("triton")
-
+from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any triton import)
 from radixlm.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixlm.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from radixlm.core import ForwardMode  # noqa: E402
 from radixlm.forward_context import ForwardBatch  # noqa: E402
 from radixlm.layers.radix_attention import RadixAttention  # noqa: E402
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -16,7 +16,9 @@ long the capture took.
   offline_1000        output tokens/s, 1000 requests with seeded ShareGPT-like (lognormal) lengths
 Rooflines: decode step = (weights + KV read) bytes / 4.3e12; prefill = (2 * params * tokens +
 attention) FLOPs / 790e12; batch workloads = prefill time + decode steps at the running batch.
-Before the numbers, a correctness check: greedy tokens of triton vs torch_native on the same model
+Then `fused_kernel` lines: the fused RMSNorm+residual, SiLU-and-mul and rotary kernels against their
+torch references at 4096 bf16 tokens of the 8B shape (ms, speed-up, GB/s). Before the numbers, a
+correctness check: greedy tokens of triton vs torch_native on the same model
 (dummy Qwen3-0.6B shape, and a small real-weight checkpoint where attention visibly matters) must
 agree on the first 32 tokens. Every workload is skipped, with a JSON line saying so, once the time
 budget is spent; without CUDA it prints why and exits with status 2.
@@ -320,6 +322,55 @@ def run_correctness(root: str, budget: Budget) -> bool:
     return ok
 
 
+def _cuda_time_ms(fn, iters: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench_fused_kernels(tokens: int = 4096) -> List[dict]:
+    """The fused layer kernels against their torch references at a prefill-sized bf16 step of the
+    Llama-3.1-8B shape: time per call and bandwidth as a fraction of the HBM roofline."""
+    import torch
+
+    from radixlm.layers.activation import SiluAndMul
+    from radixlm.layers.layernorm import RMSNorm
+    from radixlm.layers.rotary_embedding import RotaryEmbedding
+
+    t, dt, dev = tokens, torch.bfloat16, "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=dt, generator=g)
+
+    norm, act = RMSNorm(4096, 1e-5).to(dev, dt), SiluAndMul()
+    rope = RotaryEmbedding(128, 8192, 500000.0).to(dev)
+    x, res, gate_up = rnd(t, 4096), rnd(t, 4096), rnd(t, 2 * 14336)
+    q, k = rnd(t, 32, 128), rnd(t, 8, 128)
+    pos = torch.arange(t, device=dev)
+    cases = {  # name: (fused, reference, bytes the fused kernel moves)
+        "add_rmsnorm": (lambda: norm(x, res), lambda: norm.forward_native(x, res), 4 * t * 4096 * 2),
+        "silu_and_mul": (lambda: act(gate_up), lambda: act.forward_native(gate_up), 3 * t * 14336 * 2),
+        "rotary": (lambda: rope(pos, q, k), lambda: rope.forward_native(pos, q, k), 2 * t * 40 * 128 * 2),
+    }
+    out = []
+    for name, (fused, ref, nbytes) in cases.items():
+        tf, tr = _cuda_time_ms(fused), _cuda_time_ms(ref)
+        bw = nbytes / (tf / 1e3)
+        out.append({"metric": "fused_kernel", "kernel": name, "tokens": t, "dtype": "bf16", "fused_ms": round(tf, 4),
+                    "reference_ms": round(tr, 4), "speedup": round(tr / tf, 2), "fused_gb_s": round(bw / 1e9, 1),
+                    "roofline_fraction": round(bw / HBM_BYTES_PER_S, 3)})
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 WORKLOADS = ["decode_b1", "decode_b1_no_cuda_graph", "ttft_4096", "shared_prefix_ttft", "throughput_64",
              "offline_1000"]
@@ -379,6 +430,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--num-offline", type=int, default=1000)
     ap.add_argument("--max-running", type=int, default=256)
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--skip-kernel-timing", action="store_true",
+                    help="skip the fused layer kernels vs torch timing (line fused_kernel)")
     args = ap.parse_args(argv)
     args.workloads = set(args.workloads.split(","))
     budget = Budget(args.time_budget)
@@ -404,6 +457,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="radixlm-bench-") as root:
         if not args.skip_correctness:
             ok = run_correctness(root, budget)
+        if not args.skip_kernel_timing:
+            try:
+                for line in bench_fused_kernels():
+                    emit(line)
+            except Exception as e:  # noqa: BLE001 - reported; the model workloads still run
+                emit({"metric": "fused_kernel", "error": f"{type(e).__name__}: {e}"})
         shapes = [s for s in args.shapes.split(",") if s]
         for i, shape in enumerate(shapes):
             if shape not in SHAPES:

@@ -56,7 +56,10 @@ def set_fused_kernels_enabled(enabled: bool) -> bool:
 def triton_available() -> bool:
     global _triton_available
     if _triton_available is None:
-        _triton_available = importlib.util.find_spec("triton") is not None
+        try:
+            _triton_available = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as absent
+            _triton_available = False
     return _triton_available
 
 

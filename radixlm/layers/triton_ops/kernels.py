@@ -17,27 +17,14 @@ The `*_config` functions are the launch parameters; `compile_check` compiles exa
 
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpret_enabled() -> bool:
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 # Decided at import, like @triton.jit decides: interpreted kernels take CPU tensors, others CUDA ones.
-INTERPRETED: bool = _interpret_enabled()
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from radixlm.attention.triton_kernels.common import INTERPRETED, next_pow2  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -64,8 +51,10 @@ def rope_config(num_q_heads: int, num_kv_heads: int, head_dim: int, interpreted:
         block_h = next_pow2(max(num_q_heads, num_kv_heads))
     else:
         block_h = min(next_pow2(min(num_q_heads, num_kv_heads)), max(1, 1024 // block_half))
+    # warps so that a thread holds >= 8 elements of each half (128-bit accesses in bf16)
+    num_warps = 4 if interpreted else max(1, min(4, block_h * block_half // 256))
     return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, Q_BLOCKS=triton.cdiv(num_q_heads, block_h),
-                num_warps=4)
+                num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------ RMSNorm
