@@ -220,6 +220,33 @@ def test_plot_optional(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_replot_from_saved_details(tmp_path):
+    """Records written with --output-details load back into the same per-request results; records
+    without details are refused with the flag to use."""
+    import json
+
+    from radixlm.bench.plot import PlotUnavailable, load_runs, main
+
+    rs = [RequestResult(success=True, ttft=0.1 * i, itl=[0.01, 0.02], latency=1.0, turn=i % 3 + 1, session=i)
+          for i in range(1, 5)]
+    path = tmp_path / "runs.jsonl"
+    with open(path, "w") as f:
+        for label in ("radix", "hf"):
+            f.write(json.dumps({"label": label, "details": [r.to_json() for r in rs]}) + "\n")
+    runs = load_runs(str(path))
+    assert list(runs) == ["radix", "hf"]
+    assert [(r.ttft, r.turn, r.itl) for r in runs["hf"]] == [(r.ttft, r.turn, r.itl) for r in rs]
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"label": "radix", "mean_ttft_ms": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="--output-details"):
+        load_runs(str(bare))
+    try:
+        out = main([str(path)])
+    except PlotUnavailable:
+        return
+    assert out == str(tmp_path / "runs.png") and (tmp_path / "runs.png").stat().st_size > 1000
+
+
 def test_bench_offline_dataset_option(tiny, capsys):
     from radixlm.bench_offline import main
 
