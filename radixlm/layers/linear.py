@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from radixlm.layers import cpu_linear
 from radixlm.layers.parallel_state import get_tp_rank, get_tp_size
 
 
@@ -46,6 +46,7 @@ class ColumnParallelLinear(nn.Module):
                               self.weight_loader)
         self.bias = (_attach(nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False), self.weight_loader)
                      if bias else None)
+        self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
     def _shard_offset(self, shard_id: Optional[int]) -> tuple:
         if shard_id is None:
@@ -61,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_linear.linear(x, self.weight, self.bias, self.cpu_packed_weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -96,13 +97,14 @@ class RowParallelLinear(nn.Module):
                                            requires_grad=False), self.weight_loader)
         self.bias = (_attach(nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False),
                              default_weight_loader) if bias else None)
+        self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = self.input_size_per_rank
         param.data.copy_(loaded.narrow(1, get_tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = cpu_linear.linear(x, self.weight, None, self.cpu_packed_weight)
         if get_tp_size() > 1:  # pragma: no cover - multi-rank path arrives with tensor parallelism
             torch.distributed.all_reduce(y)
         if self.bias is not None:

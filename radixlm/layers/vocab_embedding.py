@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.layers import cpu_linear
 from radixlm.layers.parallel_state import get_tp_rank, get_tp_size
 
 
@@ -42,5 +43,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to vocabulary logits; shares its table with the embedding when tied."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, params_dtype: Optional[torch.dtype] = None):
+        super().__init__(num_embeddings, embedding_dim, params_dtype)
+        self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        return cpu_linear.linear(hidden, self.weight, None, self.cpu_packed_weight)

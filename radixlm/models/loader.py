@@ -14,6 +14,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch import nn
 
+from radixlm.layers.cpu_linear import prepack_model
 from radixlm.models import get_model_class
 from radixlm.models.model_config import ModelConfig
 
@@ -78,4 +79,6 @@ def load_model(cfg: ModelConfig, device: str, load_format: str = "auto", seed: i
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint {cfg.model_path!r} lacks weights for: {', '.join(missing[:8])}")
+    if torch.device(device).type == "cpu":
+        prepack_model(model)  # oneDNN layout for the CPU matmuls (radixlm/layers/cpu_linear.py)
     return model.eval()
