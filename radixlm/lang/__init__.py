@@ -23,7 +23,8 @@ from radixlm.lang.backend.base import BackendConnectionError, BackendError, Base
 from radixlm.lang.chat_template import ChatTemplate
 from radixlm.lang.choices import (ChoicesDecision, greedy_token_selection, token_length_normalized,
                                   unconditional_likelihood_normalized)
-from radixlm.lang.interpreter import ProgramError, ProgramState, ProgramStateGroup
+from radixlm.lang.executor import ProgramError
+from radixlm.lang.program_state import ProgramState, ProgramStateGroup
 from radixlm.lang.tracer import ProgramGraph
 
 _BACKENDS = ("RuntimeEndpoint", "Runtime", "EngineBackend", "OpenAI")
