@@ -1,8 +1,8 @@
 """Overlap scheduling: the model computes decode step N+1 while the scheduler processes step N.
 
-Owns the forward worker (one thread that runs the model runner's steps in submission order) and
-the record of the step in flight. The scheduler (`Scheduler.step` with `enable_overlap`) uses them
-like this (SGLang's overlap scheduler, `--disable-overlap-schedule` to turn it off):
+Owns the forward worker (one thread that runs the model runner's steps in submission order), the
+record of the step in flight, and the scheduler's side of it (`OverlapMixin`: chaining a step,
+completing one). `Scheduler.step` with `enable_overlap` uses them like this (SGLang's overlap scheduler, `--disable-overlap-schedule` to turn it off):
 
     launch N+1 (its input ids are step N's sampled ids, still on the device)
     wait for N, append its tokens, finish requests, send outputs   <- runs while N+1 computes
@@ -19,14 +19,17 @@ changes to the pools never race with a running forward.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import List, Optional, Set
 
 import torch
 
-from radixlm.core import Req, ScheduleBatch
+from radixlm.core import ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.host_copy import to_device_int64
+
+logger = logging.getLogger(__name__)
 
 
 def overlap_safe(req: Req, context_len: int) -> bool:
@@ -85,3 +88,70 @@ class ForwardWorker:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class OverlapMixin:
+    """The scheduler's side of overlap scheduling (mixed into `Scheduler`): chaining the next
+    decode step onto the one in flight, and completing a step (zombies included)."""
+
+    def _chain_decode(self, cur: InFlight) -> Optional[InFlight]:
+        """Launches the decode step after `cur` before `cur`'s tokens reach the host, or returns None
+        when the next step needs them (prefill work waiting, a request that is not overlap-safe, no
+        free slots). Requests that `cur` certainly ends (by length) are left out."""
+        if not cur.batch.forward_mode.is_decode or self.waiting or self.chunked_req is not None:
+            return None
+        going = [r for r in cur.batch.reqs if not cur.is_zombie(r)]
+        if len(going) != len(self.running):
+            return None
+        reqs, rows = [], []
+        for i, req in enumerate(cur.batch.reqs):
+            if cur.is_zombie(req):
+                continue
+            if overlap_safe(req, self.context_len):
+                reqs.append(req)
+                rows.append(i)
+            elif not self._ends_by_length_next(req):
+                return None
+        if not reqs:
+            return None
+        lens = [r.kv_len + 1 for r in reqs]  # cur writes the KV of position kv_len
+        loc = self.kv.alloc_with_evict([-1] * len(reqs), lens, [1] * len(reqs))
+        if loc is None:
+            return None
+        self.kv.write_slots(reqs, lens, loc)
+        for req in reqs:
+            req.prefix_len, req.extend_len = req.kv_len + 1, 1
+        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        batch = ScheduleBatch(reqs, ForwardMode.DECODE, [], loc, lens, [1] * len(reqs), [True] * len(reqs))
+        self.stats.num_overlapped_batches += 1
+        return InFlight(batch, self._worker.submit(batch, after=cur, rows=rows))
+
+    def _ends_by_length_next(self, req: Req) -> bool:
+        return len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= self.context_len
+
+    def _complete(self, cur: InFlight, successor: Optional[InFlight]) -> List[ReqOutput]:
+        """Waits for the step `cur` and processes its results; requests that finish now but are in
+        `successor` already become its zombies."""
+        batch = cur.batch
+        try:
+            result = cur.future.result().resolve()
+        except Exception as e:  # noqa: BLE001 - fail this batch (and the one that consumed its ids)
+            logger.exception("forward failed for a batch of %d requests", batch.batch_size)
+            msg = f"internal error: {type(e).__name__}: {e}"
+            outs = self._fail_batch(batch, msg)
+            if successor is not None:
+                self._inflight = None
+                try:
+                    successor.future.result()
+                except Exception:  # noqa: BLE001 - it failed too (it needed cur's ids)
+                    pass
+                outs += self._fail_batch(successor.batch, msg)
+            return outs
+        for req in batch.reqs:
+            if cur.is_zombie(req):  # its last token's KV is computed now: hand everything over
+                self.stats.num_overlap_zombies += 1
+                req.kv_len += 1
+                self.kv.cache_finished(req)
+        live = [(i, r) for i, r in enumerate(batch.reqs) if not cur.is_zombie(r)]
+        outputs = self._process_decode(batch, result, live, successor)
+        return outputs

@@ -27,7 +27,7 @@ from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatc
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.kv_ownership import KVOwnership
 from radixlm.sched.output_processor import OutputProcessor
-from radixlm.sched.overlap import ForwardWorker, InFlight, overlap_safe
+from radixlm.sched.overlap import ForwardWorker, InFlight, OverlapMixin
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class SchedulerStats:
         return self.prefill_cached_tokens / total if total else 0.0
 
 
-class Scheduler:
+class Scheduler(OverlapMixin):
     def __init__(self, runner, cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
@@ -239,69 +239,6 @@ class Scheduler:
             if batch.num_mixed_decode:
                 n = batch.batch_size - batch.num_mixed_decode
                 outputs.extend(self._advance_decoding(list(enumerate(batch.reqs[n:])), result, sum(batch.sample[:n])))
-        return outputs
-
-    # ------------------------------------------------------------------ overlap scheduling
-    def _chain_decode(self, cur: InFlight) -> Optional[InFlight]:
-        """Launches the decode step after `cur` before `cur`'s tokens reach the host, or returns None
-        when the next step needs them (prefill work waiting, a request that is not overlap-safe, no
-        free slots). Requests that `cur` certainly ends (by length) are left out."""
-        if not cur.batch.forward_mode.is_decode or self.waiting or self.chunked_req is not None:
-            return None
-        going = [r for r in cur.batch.reqs if not cur.is_zombie(r)]
-        if len(going) != len(self.running):
-            return None
-        reqs, rows = [], []
-        for i, req in enumerate(cur.batch.reqs):
-            if cur.is_zombie(req):
-                continue
-            if overlap_safe(req, self.context_len):
-                reqs.append(req)
-                rows.append(i)
-            elif not self._ends_by_length_next(req):
-                return None
-        if not reqs:
-            return None
-        lens = [r.kv_len + 1 for r in reqs]  # cur writes the KV of position kv_len
-        loc = self.kv.alloc_with_evict([-1] * len(reqs), lens, [1] * len(reqs))
-        if loc is None:
-            return None
-        self.kv.write_slots(reqs, lens, loc)
-        for req in reqs:
-            req.prefix_len, req.extend_len = req.kv_len + 1, 1
-        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
-        batch = ScheduleBatch(reqs, ForwardMode.DECODE, [], loc, lens, [1] * len(reqs), [True] * len(reqs))
-        self.stats.num_overlapped_batches += 1
-        return InFlight(batch, self._worker.submit(batch, after=cur, rows=rows))
-
-    def _ends_by_length_next(self, req: Req) -> bool:
-        return len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= self.context_len
-
-    def _complete(self, cur: InFlight, successor: Optional[InFlight]) -> List[ReqOutput]:
-        """Waits for the step `cur` and processes its results; requests that finish now but are in
-        `successor` already become its zombies."""
-        batch = cur.batch
-        try:
-            result = cur.future.result().resolve()
-        except Exception as e:  # noqa: BLE001 - fail this batch (and the one that consumed its ids)
-            logger.exception("forward failed for a batch of %d requests", batch.batch_size)
-            msg = f"internal error: {type(e).__name__}: {e}"
-            outs = self._fail_batch(batch, msg)
-            if successor is not None:
-                self._inflight = None
-                try:
-                    successor.future.result()
-                except Exception:  # noqa: BLE001 - it failed too (it needed cur's ids)
-                    pass
-                outs += self._fail_batch(successor.batch, msg)
-            return outs
-        for req in batch.reqs:
-            if cur.is_zombie(req):  # its last token's KV is computed now: hand everything over
-                self.stats.num_overlap_zombies += 1
-                req.kv_len += 1
-                self.kv.cache_finished(req)
-        live = [(i, r) for i, r in enumerate(batch.reqs) if not cur.is_zombie(r)]
-        outputs = self._process_decode(batch, result, live, successor)
         return outputs
 
     def _mix_in_decode(self, batch: ScheduleBatch) -> None:
