@@ -14,10 +14,9 @@ Supported architectures: ``llama`` (Llama-3 style rope scaling), ``qwen2``
 ``mistral``.  Sizes: ``tiny`` (fast, for unit tests), ``small`` (demos,
 benchmarks) and ``medium`` (~100M parameters, CPU benchmarks).
 
-The tokenizer is a byte-level BPE trained deterministically with the
-``tokenizers`` library on ``corpus.txt`` (shipped next to this file); the
-trained tokenizer is cached per process.  Special tokens have fixed ids:
-``<|endoftext|>`` = 0 (eos / pad), ``<|im_start|>`` = 1, ``<|im_end|>`` = 2.
+The tokenizer files (byte-level BPE trained on ``corpus.txt``, ChatML chat
+template, fixed special-token ids) come from ``tiny_tokenizer.py``; this module
+owns the model side: config, seeded weights, and the directory layout.
 
 CLI::
 
@@ -28,12 +27,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import pathlib
 import sys
 from typing import Any
+
+from radixlm.tools.tiny_tokenizer import (CHAT_TEMPLATE, EOS_TOKEN_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS,
+                                          get_tokenizer_json, special_tokens_map, tokenizer_config)
 
 __all__ = [
     "ARCHS",
@@ -52,12 +53,6 @@ __all__ = [
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-EOS_TOKEN_ID = 0  # <|endoftext|>, also pad and bos id in config.json
-IM_START_ID = 1
-IM_END_ID = 2
-
-CORPUS_PATH = pathlib.Path(__file__).with_name("corpus.txt")
 
 # Tokenizer vocabulary (incl. the 3 special tokens and the 256 byte symbols)
 # and the model's embedding rows (>= tokenizer size; the extra rows are
@@ -101,68 +96,22 @@ _ARCH_INFO = {
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral"),
 }
 
+# Per-architecture config.json fields (as the HF checkpoints of each family write them).
+_NO_SLIDING = dict(use_sliding_window=False, sliding_window=None, max_window_layers=None)  # layers: set later
+_ARCH_FIELDS: dict[str, dict[str, Any]] = {
+    "llama": dict(tie_word_embeddings=False, rope_theta=500000.0, attention_bias=False, mlp_bias=False,
+                  pretraining_tp=1,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+    "qwen2": dict(tie_word_embeddings=True, rope_theta=10000.0, rope_scaling=None, **_NO_SLIDING),
+    "qwen3": dict(tie_word_embeddings=False, rope_theta=1000000.0, rope_scaling=None, attention_bias=False,
+                  **_NO_SLIDING),
+    "mistral": dict(tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+}
+
 MAX_POSITION_EMBEDDINGS = 2048
 # medium holds multi-turn agent benchmarks (system prompt + several turns of history).
 _MAX_POSITION_EMBEDDINGS = {"medium": 4096}
-
-# ChatML.  Each message renders exactly as
-#   <|im_start|>{role}\n{content}<|im_end|>\n
-# for roles system / user / assistant / tool.  ``content`` may be a string,
-# None (rendered empty) or a list of OpenAI-style parts ({"type": "text",
-# "text": ...}).  Assistant ``tool_calls`` are appended to the content as
-# <tool_call>{json}</tool_call> lines; a ``tools`` list, if given, is
-# described in a leading system message (merged into the first system message
-# if there is one).  ``add_generation_prompt`` appends
-# "<|im_start|>assistant\n".
-CHAT_TEMPLATE = (
-    "{%- macro render_content(content) -%}"
-    "{%- if content is none -%}"
-    "{%- elif content is string -%}{{ content }}"
-    "{%- else -%}"
-    "{%- for part in content -%}"
-    "{%- if part is string -%}{{ part }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- set ns = namespace(tools_text='') -%}"
-    "{%- if tools -%}"
-    "{%- set ns.tools_text = '# Tools\\n\\nYou may call one or more functions. "
-    "Function signatures are given within <tools></tools>:\\n<tools>' -%}"
-    "{%- for tool in tools -%}"
-    "{%- set ns.tools_text = ns.tools_text ~ '\\n' ~ (tool | tojson) -%}"
-    "{%- endfor -%}"
-    "{%- set ns.tools_text = ns.tools_text ~ '\\n</tools>\\n\\nFor each call return "
-    "<tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.' -%}"
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n' ~ ns.tools_text ~ '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
-    "{{- raise_exception('Unsupported chat role: ' ~ message['role']) -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}"
-    "{{- render_content(message['content'] if 'content' in message else none) -}}"
-    "{%- if loop.first and message['role'] == 'system' and ns.tools_text -%}"
-    "{{- '\\n\\n' ~ ns.tools_text -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- set fn = call['function'] if 'function' in call else call -%}"
-    "{%- set args = fn['arguments'] if 'arguments' in fn else {} -%}"
-    "{{- '\\n' if (loop.first and message['content']) or not loop.first else '' -}}"
-    "{{- '<tool_call>{\"name\": ' ~ (fn['name'] | tojson) ~ ', \"arguments\": ' -}}"
-    "{{- (args if args is string else (args | tojson)) ~ '}</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
 
 # ---------------------------------------------------------------------------
 # Weight initialisation scales (measured with the HF reference models so that
@@ -183,90 +132,6 @@ _OUT_GAIN = 1.0  # extra gain on o_proj / down_proj (residual-branch outputs)
 _BIAS_STD = 0.1
 _TIED_EMBED_ROW_NORM = 1.0
 _NORM_NOISE = 0.1
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-
-
-def _read_corpus() -> list[str]:
-    text = CORPUS_PATH.read_text(encoding="utf-8")
-    # Normalise line endings so a checkout with CRLF conversion trains the
-    # exact same tokenizer.
-    text = text.replace("\r\n", "\n")
-    return [p for p in text.split("\n\n") if p.strip()]
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer_json(vocab_size: int) -> str:
-    """Train (once per process) the byte-level BPE and return its JSON text.
-
-    Deterministic: same corpus + same ``vocab_size`` -> identical tokenizer.
-    Ids 0, 1, 2 are ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``;
-    then the 256 byte symbols, then merges.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_read_corpus(), trainer)
-    n = tok.get_vocab_size()
-    if n != vocab_size:
-        raise RuntimeError(f"corpus too small: trained {n} tokens, wanted {vocab_size}")
-    for i, s in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(s) != i:
-            raise RuntimeError(f"special token {s!r} did not get id {i}")
-    return tok.to_str()
-
-
-def _tokenizer_config(model_max_length: int) -> dict[str, Any]:
-    added = {
-        str(i): {
-            "content": s,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, s in enumerate(SPECIAL_TOKENS)
-    }
-    return {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>",
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": None,
-    }
-
-
-def _special_tokens_map() -> dict[str, Any]:
-    def tok(s: str) -> dict[str, Any]:
-        return {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-
-    return {
-        "additional_special_tokens": [tok("<|im_start|>"), tok("<|im_end|>")],
-        "eos_token": tok("<|endoftext|>"),
-        "pad_token": tok("<|endoftext|>"),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -302,46 +167,9 @@ def build_config(arch: str = "llama", size: str = "tiny", dtype: str = "float32"
         "pad_token_id": EOS_TOKEN_ID,
         "attention_dropout": 0.0,
     }
-    if arch == "llama":
-        cfg.update(
-            tie_word_embeddings=False,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 256,
-            },
-            attention_bias=False,
-            mlp_bias=False,
-            pretraining_tp=1,
-        )
-    elif arch == "qwen2":
-        cfg.update(
-            tie_word_embeddings=True,
-            rope_theta=10000.0,
-            rope_scaling=None,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=cfg["num_hidden_layers"],
-        )
-    elif arch == "qwen3":
-        cfg.update(
-            tie_word_embeddings=False,
-            rope_theta=1000000.0,
-            rope_scaling=None,
-            attention_bias=False,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=cfg["num_hidden_layers"],
-        )
-    elif arch == "mistral":
-        cfg.update(
-            tie_word_embeddings=False,
-            rope_theta=10000.0,
-            sliding_window=None,
-        )
+    cfg.update(_ARCH_FIELDS[arch])
+    if "max_window_layers" in cfg:
+        cfg["max_window_layers"] = cfg["num_hidden_layers"]
 
     for k, v in config_overrides.items():
         cfg[k] = v
@@ -492,8 +320,8 @@ def make_tiny_model(out_dir, arch: str = "llama", size: str = "tiny", seed: int 
         gen["transformers_version"] = cfg["transformers_version"]
     dump("generation_config.json", gen)
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    dump("tokenizer_config.json", _tokenizer_config(cfg["max_position_embeddings"]))
-    dump("special_tokens_map.json", _special_tokens_map())
+    dump("tokenizer_config.json", tokenizer_config(cfg["max_position_embeddings"]))
+    dump("special_tokens_map.json", special_tokens_map())
     return out
 
 
