@@ -24,3 +24,13 @@ def backend_from_args(description: str = ""):
     if args.url:
         return rl.RuntimeEndpoint(args.url, api_key=args.api_key)
     return rl.EngineBackend(model_path=args.model_path or ensure_demo_model(), log_level="warning")
+
+
+def run_example(main, description: str = "", **kwargs) -> None:
+    """The examples' entry point: `main(backend, **kwargs)` on the backend the command line picks;
+    the backend is shut down afterwards, also when `main` fails."""
+    backend = backend_from_args(description)
+    try:
+        main(backend, **kwargs)
+    finally:
+        backend.shutdown()

@@ -30,8 +30,6 @@ def main(backend=None, n: int = 32, progress_bar: bool = True):
 
 
 if __name__ == "__main__":
-    from _backend import backend_from_args
+    from _backend import run_example
 
-    b = backend_from_args(__doc__)
-    main(b)
-    b.shutdown()
+    run_example(main, __doc__)

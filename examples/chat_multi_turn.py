@@ -29,8 +29,6 @@ def main(backend=None, stream: bool = False):
 
 
 if __name__ == "__main__":
-    from _backend import backend_from_args
+    from _backend import run_example
 
-    b = backend_from_args(__doc__)
-    main(b, stream=True)
-    b.shutdown()
+    run_example(main, __doc__, stream=True)

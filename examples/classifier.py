@@ -33,8 +33,6 @@ def main(backend=None, choices_method=rl.token_length_normalized):
 
 
 if __name__ == "__main__":
-    from _backend import backend_from_args
+    from _backend import run_example
 
-    b = backend_from_args(__doc__)
-    main(b)
-    b.shutdown()
+    run_example(main, __doc__)

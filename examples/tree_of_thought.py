@@ -37,10 +37,12 @@ def main(backend=None, question="How many prime numbers are there below 20?"):
     return state
 
 
-if __name__ == "__main__":
-    from _backend import backend_from_args
+def main_with_trace(backend):
+    print(tree_of_thought.trace(backend=backend))
+    return main(backend)
 
-    b = backend_from_args(__doc__)
-    print(tree_of_thought.trace(backend=b))
-    main(b)
-    b.shutdown()
+
+if __name__ == "__main__":
+    from _backend import run_example
+
+    run_example(main_with_trace, __doc__)

@@ -80,6 +80,21 @@ def path(model_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen2_path(model_factory):
+    """The tiny qwen2 checkpoint (tied embeddings, qkv bias) the server-level modules share."""
+    return model_factory("qwen2")
+
+
+@pytest.fixture(scope="module")
+def qwen2_server(qwen2_path):
+    """One live server on `qwen2_path` per test module."""
+    from tests.server_utils import ServerProcess
+
+    with ServerProcess(qwen2_path) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def eng(path):
     """One default Engine per test module on `path`."""
     import radixlm

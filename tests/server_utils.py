@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import requests
 
@@ -54,3 +54,33 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _url(server: Union[str, "ServerProcess"]) -> str:
+    return server if isinstance(server, str) else server.base_url
+
+
+def server_info(server: Union[str, "ServerProcess"], timeout: float = 30.0) -> Dict[str, Any]:
+    r = requests.get(_url(server) + "/get_server_info", timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def info_stat(info: Dict[str, Any], key: str) -> Any:
+    """A live scheduler stat of /get_server_info: top level (SGLang merges scheduler_info there) or nested."""
+    if key in info:
+        return info[key]
+    if key in info.get("scheduler_info", {}):
+        return info["scheduler_info"][key]
+    return info["internal_states"][0][key]
+
+
+def wait_idle(server: Union[str, "ServerProcess"], timeout: float = 30.0) -> Dict[str, Any]:
+    """Polls /get_server_info until nothing runs or waits; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = server_info(server)
+        if info_stat(info, "num_running_reqs") == 0 and info_stat(info, "num_queue_reqs") == 0:
+            return info
+        assert time.monotonic() < deadline, f"server still busy: {info.get('scheduler_info')}"
+        time.sleep(0.05)

@@ -84,16 +84,13 @@ def test_summary_on_partial_results():
 
 
 @pytest.fixture(scope="module")
-def tiny(model_factory):
-    return model_factory("qwen2")
+def tiny(qwen2_path):
+    return qwen2_path
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    from tests.server_utils import ServerProcess
-
-    with ServerProcess(tiny) as s:
-        yield s
+def server(qwen2_server):
+    return qwen2_server
 
 
 def _args(*extra):

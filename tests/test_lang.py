@@ -42,19 +42,13 @@ def common_len(a: List[int], b: List[int]) -> int:
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def model_path(model_factory):
-    return model_factory("qwen2")
+def server(qwen2_server):
+    return qwen2_server
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    with ServerProcess(model_path) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def engine(model_path):
-    with radixlm.Engine(model_path=model_path, log_level="warning") as e:
+def engine(qwen2_path):
+    with radixlm.Engine(model_path=qwen2_path, log_level="warning") as e:
         yield e
 
 
@@ -369,8 +363,8 @@ def test_openai_backend_on_the_v1_api(server):
     assert "assistant turn" in str(bad.run(backend=oa).error())
 
 
-def test_runtime_starts_and_stops_a_server(model_path):
-    rt = rl.Runtime(model_path=model_path, log_level="warning", api_key="sekret")
+def test_runtime_starts_and_stops_a_server(qwen2_path):
+    rt = rl.Runtime(model_path=qwen2_path, log_level="warning", api_key="sekret")
     try:
         assert rt.endpoint.base_url == rt.url
         st = maybe_fails.run(i=1, temperature=0, backend=rt)  # a Runtime is usable as a backend

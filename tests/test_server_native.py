@@ -21,7 +21,7 @@ import requests
 
 from radixlm.server_args import ServerArgs
 from tests.conftest import random_prompts
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, info_stat, server_info, wait_idle
 
 SPECIAL = (0, 1, 2)
 VOCAB = 515
@@ -65,31 +65,6 @@ def stream_all(server: ServerProcess, body: Dict[str, Any]) -> List[Any]:
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("text/event-stream")
         return list(sse_events(r))
-
-
-def info_stat(info: Dict[str, Any], key: str) -> Any:
-    """A live scheduler stat of /get_server_info: top level (SGLang merges scheduler_info there) or nested."""
-    if key in info:
-        return info[key]
-    if key in info.get("scheduler_info", {}):
-        return info["scheduler_info"][key]
-    return info["internal_states"][0][key]
-
-
-def server_info(server: ServerProcess) -> Dict[str, Any]:
-    r = requests.get(server.base_url + "/get_server_info", timeout=TIMEOUT)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def wait_idle(server: ServerProcess, timeout: float = 30.0) -> Dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = server_info(server)
-        if info_stat(info, "num_running_reqs") == 0 and info_stat(info, "num_queue_reqs") == 0:
-            return info
-        assert time.monotonic() < deadline, f"server still busy: {info.get('scheduler_info')}"
-        time.sleep(0.05)
 
 
 def assert_error(r: requests.Response, status: int, *words: str) -> Dict[str, Any]:

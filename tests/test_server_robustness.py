@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from tests.conftest import random_prompts
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, info_stat, server_info, wait_idle
 
 SPECIAL = (0, 1, 2)
 VOCAB = 515
@@ -162,26 +162,6 @@ def ids_for(seed: int, n: int) -> List[int]:
     return random_prompts(seed, [n], VOCAB, avoid=SPECIAL)[0]
 
 
-def server_info(base_url: str) -> Dict[str, Any]:
-    r = requests.get(base_url + "/get_server_info", timeout=TIMEOUT)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def sched_stat(info: Dict[str, Any], key: str) -> Any:
-    return info[key] if key in info else info["scheduler_info"][key]
-
-
-def wait_idle(base_url: str, timeout: float = 30.0) -> Dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = server_info(base_url)
-        if sched_stat(info, "num_running_reqs") == 0 and sched_stat(info, "num_queue_reqs") == 0:
-            return info
-        assert time.monotonic() < deadline, f"server still busy: {info['scheduler_info']}"
-        time.sleep(0.05)
-
-
 def stream_generate(base_url: str, body: Dict[str, Any]) -> List[Any]:
     events: List[Any] = []
     with requests.post(base_url + "/generate", json={**body, "stream": True}, stream=True, timeout=TIMEOUT) as r:
@@ -267,7 +247,7 @@ def test_64_concurrent_streaming_clients(server):
 
 def test_mid_stream_disconnects_free_everything(server):
     wait_idle(server.base_url)
-    before = sched_stat(server_info(server.base_url), "generated_tokens")
+    before = info_stat(server_info(server.base_url), "generated_tokens")
     n, max_new = 50, 200
 
     def drop(i: int) -> int:
@@ -279,7 +259,7 @@ def test_mid_stream_disconnects_free_everything(server):
         got = list(ex.map(drop, range(n), timeout=120))
     assert all(g >= 1 for g in got)
     info = wait_idle(server.base_url, timeout=60)
-    generated = sched_stat(info, "generated_tokens") - before
+    generated = info_stat(info, "generated_tokens") - before
     # the disconnected requests were aborted, not run to max_new_tokens
     assert generated < n * max_new // 2, f"{generated} tokens generated for {n} dropped streams"
     assert info["num_in_flight_requests"] == 0
@@ -316,7 +296,7 @@ def test_scheduler_death_gives_503_and_server_exits(server):
 
     t = threading.Thread(target=long_request, daemon=True)
     t.start()
-    assert wait_until(lambda: sched_stat(server_info(s.base_url), "num_running_reqs") == 1, 10)
+    assert wait_until(lambda: info_stat(server_info(s.base_url), "num_running_reqs") == 1, 10)
     os.kill(sched["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     statuses: List[Any] = []

@@ -51,15 +51,19 @@ def _finish(res: RequestResult, st: float, output_len: int) -> RequestResult:
     return res
 
 
+def _start(payload: dict, extra: Optional[dict], prompt_ids: List[int], t_origin: float):
+    """Merges the caller's extra body fields; returns the result record and the send time."""
+    if extra:
+        payload.update(extra)
+    st = time.perf_counter()
+    return RequestResult(prompt_len=len(prompt_ids), start_time=st - t_origin), st
+
+
 async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
                          t_origin: float, extra: Optional[dict] = None) -> RequestResult:
     payload = {"input_ids": prompt_ids, "stream": True,
                "sampling_params": {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}}
-    if extra:
-        payload.update(extra)
-    res = RequestResult(prompt_len=len(prompt_ids))
-    st = time.perf_counter()
-    res.start_time = st - t_origin
+    res, st = _start(payload, extra, prompt_ids, t_origin)
     last = st
     n_seen = 0
     try:
@@ -92,11 +96,7 @@ async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: L
                          extra: Optional[dict] = None) -> RequestResult:
     payload = {"model": model, "prompt": prompt_ids, "max_tokens": output_len, "temperature": 0,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    if extra:
-        payload.update(extra)
-    res = RequestResult(prompt_len=len(prompt_ids))
-    st = time.perf_counter()
-    res.start_time = st - t_origin
+    res, st = _start(payload, extra, prompt_ids, t_origin)
     last = st
     chunks = 0
     text = []

@@ -36,16 +36,17 @@ def register_openai_routes(app: FastAPI, tm) -> None:
             return error_json(f"The model `{model}` does not exist.", 404, "NotFoundError", param="model")
         return card()
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def answer(create, request: Request, body):
+        """A bad field found while serving (ValueError naming it) becomes OpenAI's 400."""
         try:
-            return await create_completion(request, tm, body)
+            return await create(request, tm, body)
         except ValueError as e:
             return error_json(str(e), 400, param=getattr(e, "param", None))
 
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await answer(create_completion, request, body)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        try:
-            return await create_chat_completion(request, tm, body)
-        except ValueError as e:
-            return error_json(str(e), 400, param=getattr(e, "param", None))
+        return await answer(create_chat_completion, request, body)
