@@ -77,6 +77,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-interval", type=int, default=1,
                    help="Send a streaming chunk every N tokens (default 1).")
     p.add_argument("--enable-metrics", action="store_true", help="Serve Prometheus metrics at /metrics.")
+    p.add_argument("--cors-allow-origins", default=None,
+                   help="Send CORS headers for these origins (comma-separated; '*' for any). Default: no CORS.")
+    lim = p.add_argument_group("limits", "Every limit is answered with a 4xx naming the field (docs/limits.md).")
+    lim.add_argument("--max-request-body-bytes", type=int, default=d["max_request_body_bytes"].default,
+                     help="Largest HTTP request body; larger bodies get 413 (default %(default)s).")
+    lim.add_argument("--max-n", type=int, default=d["max_n"].default,
+                     help="Most parallel samples (n) of one prompt (default %(default)s).")
+    lim.add_argument("--max-batch-prompts", type=int, default=d["max_batch_prompts"].default,
+                     help="Most prompts in one batched request (default %(default)s).")
+    lim.add_argument("--max-top-logprobs-num", type=int, default=d["max_top_logprobs_num"].default,
+                     help="Largest top_logprobs_num / top_logprobs (default %(default)s, OpenAI's cap).")
+    lim.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default,
+                     help="Most stop strings in one request (default %(default)s).")
+    lim.add_argument("--max-stop-string-len", type=int, default=d["max_stop_string_len"].default,
+                     help="Longest stop string in characters (default %(default)s).")
+    lim.add_argument("--max-grammar-bytes", type=int, default=d["max_grammar_bytes"].default,
+                     help="Largest regex / ebnf / json_schema text in bytes (default %(default)s).")
+    lim.add_argument("--grammar-compile-timeout", type=float, default=d["grammar_compile_timeout"].default,
+                     help="Seconds a grammar may take to compile before its request fails (default %(default)s).")
+    lim.add_argument("--grammar-cache-size", type=int, default=d["grammar_cache_size"].default,
+                     help="Compiled grammars kept, least recently used dropped first (default %(default)s).")
+    p.add_argument("--enable-debug-integrity-check", action="store_true",
+                   help="Stop the scheduler when a KV-ownership invariant is violated (default: log and count it).")
     return p
 
 

@@ -61,6 +61,21 @@ class ServerArgs:
     stream_interval: int = 1
     enable_metrics: bool = False
     max_queued_requests: Optional[int] = None
+    # CORS: comma-separated allowed origins ("*" for any); None = no CORS headers at all
+    cors_allow_origins: Optional[str] = None
+    # hardening limits (docs/limits.md): every one is answered with a 4xx naming the field
+    max_request_body_bytes: int = 32 * 1024 * 1024  # HTTP body size; larger -> 413
+    max_n: int = 128  # parallel samples of one prompt (`n`)
+    max_batch_prompts: int = 1024  # prompts in one batched request (text / input_ids lists)
+    max_top_logprobs_num: int = 20  # native top_logprobs_num and OpenAI top_logprobs
+    max_stop_strings: int = 64  # entries of `stop`
+    max_stop_string_len: int = 1024  # characters of each stop string
+    max_grammar_bytes: int = 128 * 1024  # regex / ebnf / json_schema text
+    grammar_compile_timeout: float = 30.0  # seconds; a slower compile fails its request with a 400
+    grammar_cache_size: int = 256  # compiled grammars kept (LRU)
+    # debug: fail the scheduler on a KV-ownership invariant violation (checked when idle) instead of
+    # logging and counting it
+    enable_debug_integrity_check: bool = False
 
     def __post_init__(self):
         def bad(field: str, why: str):
@@ -77,6 +92,14 @@ class ServerArgs:
                 bad(name, "must be at least 1")
         if self.max_prefill_tokens < 1:
             bad("max_prefill_tokens", "must be at least 1")
+        for name in ("max_request_body_bytes", "max_n", "max_batch_prompts", "max_stop_strings",
+                     "max_stop_string_len", "max_grammar_bytes", "grammar_cache_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.max_top_logprobs_num < 0:
+            bad("max_top_logprobs_num", "must be at least 0")
+        if not self.grammar_compile_timeout > 0:
+            bad("grammar_compile_timeout", "must be positive")
         if self.page_size < 1:
             bad("page_size", "must be at least 1")
         if self.schedule_conservativeness <= 0:

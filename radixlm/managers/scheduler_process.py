@@ -60,7 +60,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
         schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
         random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward,
-        enable_mixed_chunk=args.enable_mixed_chunk, enable_overlap=not args.disable_overlap_schedule),
+        enable_mixed_chunk=args.enable_mixed_chunk, enable_overlap=not args.disable_overlap_schedule,
+        debug_integrity_check=args.enable_debug_integrity_check),
         model_config.context_len, decode_tail, encode_text, grammar_factory)
 
 
@@ -81,6 +82,7 @@ def scheduler_state(s) -> Dict:
         "protected_kv_tokens": s.tree_cache.protected_size(),
         "last_gen_throughput": s.stats.last_gen_throughput,
         "jump_forward_tokens": s.stats.jump_forward_tokens,
+        "num_integrity_violations": s.stats.num_integrity_violations,
     }
 
 
@@ -161,21 +163,11 @@ class SchedulerLoop:
             if self.scheduler.has_work():
                 try:
                     self.emit(self.scheduler.step())
-                except Exception as e:  # noqa: BLE001 - a failing batch must not take the server down
-                    logger.exception("scheduler step failed; aborting the requests in flight")
-                    self.abort_everything(f"internal error in the scheduler: {type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 - last resort: step() fails only its own batch
+                    logger.exception("scheduler step failed outside a batch")
+                    self.emit(self.scheduler.recover(f"internal error in the scheduler: {type(e).__name__}: {e}"))
             else:
-                self.scheduler.check_integrity()
-
-    def abort_everything(self, message: str) -> None:
-        s = self.scheduler
-        outs = []
-        for rid in [r.rid for r in s.live_reqs() + list(s.waiting)]:
-            for o in s.abort_request(rid):  # (also the outputs of a step in flight that it completes)
-                if o.finished_reason is not None and o.finished_reason.type == "abort":
-                    o.finished_reason = FinishReason("abort", message=message)
-                outs.append(o)
-        self.emit(outs)
+                self.scheduler.idle_check()
 
     def handle(self, msg) -> None:
         s = self.scheduler

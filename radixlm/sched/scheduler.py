@@ -47,6 +47,7 @@ class SchedulerConfig:
     enable_jump_forward: bool = True
     enable_mixed_chunk: bool = False  # running requests decode inside prefill steps instead of waiting
     enable_overlap: bool = False  # decode step N+1 computes while step N's results are processed
+    debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
 
     def __post_init__(self):
         validate_policy(self.schedule_policy)
@@ -74,6 +75,7 @@ class SchedulerStats:
     num_mixed_batches: int = 0  # extend steps that also decoded the running requests
     num_overlapped_batches: int = 0  # decode steps launched before the previous step's tokens were seen
     num_overlap_zombies: int = 0  # requests that had finished when their overlapped step completed
+    num_integrity_violations: int = 0  # KV-ownership invariant violations found when idle (logged)
 
     @property
     def cache_hit_rate(self) -> float:
@@ -272,6 +274,34 @@ class Scheduler(OverlapMixin):
                 self.running.remove(req)
             self.kv.free(req)
             if not req.finished:  # (zombies of an overlapped step have finished already)
+                outs.append(self.out.finish(req, FinishReason("abort", message=message)))
+        return outs
+
+    def idle_check(self) -> None:
+        """The idle-time invariant check: fatal with `debug_integrity_check` (tests, debugging),
+        else a violation is logged and counted and the scheduler keeps serving."""
+        try:
+            self.check_integrity()
+        except RuntimeError:
+            if self.cfg.debug_integrity_check:
+                raise
+            self.stats.num_integrity_violations += 1
+            logger.exception("KV ownership invariant violated (#%d); serving on",
+                             self.stats.num_integrity_violations)
+
+    def recover(self, message: str) -> List[ReqOutput]:
+        """Last resort after an exception escaped `step()`: fails the requests that hold KV (the
+        step in flight, running and chunked ones), returning their memory; queued ones stay."""
+        outs: List[ReqOutput] = []
+        cur, self._inflight = self._inflight, None
+        reqs = list(self.live_reqs())
+        if cur is not None:
+            reqs += [r for r in cur.batch.reqs if r not in reqs]
+            self.allocator.free(cur.batch.out_cache_loc)
+        self.running, self.chunked_req = [], None
+        for req in reqs:
+            self.kv.free(req)
+            if not req.finished:
                 outs.append(self.out.finish(req, FinishReason("abort", message=message)))
         return outs
 
