@@ -3,13 +3,13 @@
 On CPU the padded buckets run eagerly (`CudaGraphRunner(..., use_graphs=False)`) with the triton
 kernels in Triton's interpreter: same logits and greedy tokens as the unpadded eager step, and no
 KV slot but the padding slot 0 touched by the padding rows. With CUDA, the `@pytest.mark.gpu` tests
-replay captured graphs (`pytest -m gpu tests/test_cuda_graph.py`). Skipped without triton.
+replay captured graphs (`pytest -m gpu tests/test_cuda_graph.py`). Skipped only where triton is not
+installed (tests/triton_env.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from types import SimpleNamespace
 from typing import Optional
@@ -17,10 +17,9 @@ from typing import Optional
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first triton import: kernels are decorated then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_env import require_triton  # noqa: E402  (sets TRITON_INTERPRET before any triton import)
 
-pytest.importorskip("triton")
+require_triton()
 
 from radixlm.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixlm.core import ForwardMode, ScheduleBatch  # noqa: E402

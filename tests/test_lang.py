@@ -17,6 +17,8 @@ import subprocess
 import sys
 from typing import Any, Dict, List
 
+import jsonschema  # declared test dependencies (pyproject [test]): a broken install fails loudly
+import openai  # noqa: F401
 import pytest
 import requests
 
@@ -166,7 +168,6 @@ def test_tree_of_thought_forks_reuse_the_prefix(backend, tok):
 
 
 def test_json_extraction_outputs_validate(backend):
-    jsonschema = pytest.importorskip("jsonschema")
     ex = example("json_extraction")
     states, results = ex.main(backend)
     assert len(results) == len(ex.DOCUMENTS)
@@ -342,7 +343,6 @@ def test_http_traffic(backends):
 
 # ------------------------------------------------------------------------------------ other backends
 def test_openai_backend_on_the_v1_api(server):
-    pytest.importorskip("openai")
     info = requests.get(server.base_url + "/get_model_info", timeout=10).json()
     oa = rl.OpenAI(info["served_model_name"], base_url=server.base_url + "/v1", api_key="none")
     chat = example("chat_multi_turn")

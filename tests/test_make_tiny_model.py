@@ -12,12 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer  # declared dependency: no skip
 
 from radixlm.tools import make_tiny_model as mtm
 from radixlm.tools.make_tiny_model import make_tiny_model
-
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]

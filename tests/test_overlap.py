@@ -118,12 +118,20 @@ def test_abort_while_a_step_is_in_flight(path):
         it = eng.generate(input_ids=prompts[0], sampling_params={"temperature": 0, "max_new_tokens": 500,
                                                                  "ignore_eos": True}, stream=True, rid="long")
         others = None
-        for i, _ in enumerate(it):
+        chunks = []
+        for i, chunk in enumerate(it):
+            chunks.append(chunk)
             if i == 5:
                 eng.abort_request("long")
                 others = eng.generate(input_ids=prompts[1:], sampling_params={"temperature": 0,
                                                                              "max_new_tokens": 10})
         assert all(len(o["output_ids"]) == 10 or o["meta_info"]["finish_reason"]["type"] == "stop" for o in others)
+        # the aborted request ended with `abort`, early: not run on towards its 500 tokens
+        last = chunks[-1]["meta_info"]
+        assert last["finish_reason"]["type"] == "abort", last
+        assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+        generated = sum(len(c["output_ids"]) for c in chunks)
+        assert generated == last["completion_tokens"] < 100, (generated, last)
         idle_and_clean(eng)
 
 

@@ -18,11 +18,10 @@ from typing import Dict, List
 import jsonschema
 import pytest
 import torch
+import xgrammar as xgr  # a declared dependency: a broken install fails here, loudly
 
 import radixlm
 from tests.conftest import random_prompts
-
-xgr = pytest.importorskip("xgrammar")
 
 SPECIAL = (0, 1, 2)
 PROMPTS = ["Hello", "The quick brown fox", "Return JSON:"]
