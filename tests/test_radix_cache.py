@@ -374,3 +374,73 @@ TestRadixMachinePage1 = RadixMachine.TestCase
 TestRadixMachinePage1.settings = _machine_settings
 TestRadixMachinePage2 = RadixMachinePage2.TestCase
 TestRadixMachinePage2.settings = _machine_settings
+
+
+# ------------------------------------------------------------- eviction heap (no tree walk per call)
+class _WalkingEvictCache(RadixCache):
+    """The reference eviction: a heap over every unlocked leaf, rebuilt by a tree walk per call."""
+
+    def evict(self, num_tokens: int) -> int:
+        import heapq
+
+        if self.disable or num_tokens <= 0:
+            return 0
+        heap = [(n.last_access_time, n.id, n) for n in self._nodes() if n.is_leaf() and n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_tokens:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            freed += self._delete_leaf(node)
+            if parent is not self.root_node and parent.is_leaf() and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+        return freed
+
+
+def test_evict_does_not_walk_the_tree(monkeypatch) -> None:
+    alloc, cache = make(size=4096)
+    for i in range(500):
+        put(cache, [i % 7, i, i + 1])
+    monkeypatch.setattr(cache, "_nodes", lambda: (_ for _ in ()).throw(AssertionError("evict walked the tree")))
+    freed = sum(cache.evict(1) for _ in range(50))
+    assert freed >= 50
+    monkeypatch.undo()
+    conserved(alloc, cache)
+
+
+def test_incremental_eviction_matches_the_walking_reference() -> None:
+    """Random inserts, matches, locks, unlocks and evictions on both caches: identical trees."""
+    import random
+
+    rng = random.Random(0)
+    a_alloc, a = make(size=512)
+    b_alloc = TokenToKVPoolAllocator(512, page_size=1)
+    b = _WalkingEvictCache(b_alloc, page_size=1)
+    locks: List[Tuple[TreeNode, TreeNode]] = []
+    for step in range(1500):
+        op = rng.random()
+        key = [rng.randrange(4) for _ in range(rng.randrange(1, 8))]
+        if op < 0.4:
+            for alloc, cache in ((a_alloc, a), (b_alloc, b)):
+                if alloc.available_size() < len(key):
+                    cache.evict(len(key))
+                if alloc.available_size() >= len(key):
+                    put(cache, key)
+        elif op < 0.6:
+            ra, rb = a.match_prefix(key), b.match_prefix(key)
+            assert ra.indices.tolist() == rb.indices.tolist()
+        elif op < 0.7:
+            ra, rb = a.match_prefix(key), b.match_prefix(key)
+            if len(ra.indices):
+                a.inc_lock_ref(ra.last_node)
+                b.inc_lock_ref(rb.last_node)
+                locks.append((ra.last_node, rb.last_node))
+        elif op < 0.8 and locks:
+            na, nb = locks.pop(rng.randrange(len(locks)))
+            assert a.dec_lock_ref(na) == b.dec_lock_ref(nb)
+        else:
+            n = rng.randrange(1, 12)
+            assert a.evict(n) == b.evict(n), step
+        assert sorted(a.all_values().tolist()) == sorted(b.all_values().tolist()), step
+    conserved(a_alloc, a)
+    assert len(a._evict_heap) <= sum(1 for _ in a._nodes())

@@ -2,8 +2,10 @@
 
 Owns: the tree of cached token prefixes, the KV slots stored in it (from the
 moment ``insert`` adopts them until ``evict``/``reset`` frees them through the
-allocator), per-node lock counts and LRU access stamps, and the incremental
-evictable/protected size counters.
+allocator), per-node lock counts and LRU access stamps, the incremental
+evictable/protected size counters, and the eviction heap: every unlocked leaf
+has one entry in it (pushed when it becomes an unlocked leaf, checked lazily
+when popped), so ``evict`` costs O(evicted log n), never a walk of the tree.
 
 In:  token-id keys (``match_prefix``, ``insert``), slot tensors to adopt
      (``insert``), lock/unlock of matched nodes, eviction demands.
@@ -33,10 +35,12 @@ class TreeNode:
     """One radix-tree edge+node: ``key`` tokens stored at ``value`` slots.
 
     ``lock_ref`` counts locks held on this node or any descendant; ``id`` is a
-    creation counter used as the LRU tie-break.
+    creation counter used as the LRU tie-break; ``in_heap``: the node has an
+    entry in the cache's eviction heap; ``parent`` is None once it is evicted.
     """
 
-    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access_time", "hit_count", "id")
+    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access_time", "hit_count", "id",
+                 "in_heap")
 
     def __init__(self, node_id: int, key: List[int], value: Tensor, parent: Optional["TreeNode"], now: float) -> None:
         self.children: dict = {}
@@ -47,6 +51,7 @@ class TreeNode:
         self.last_access_time: float = now
         self.hit_count: int = 0
         self.id: int = node_id
+        self.in_heap: bool = False
 
     def is_leaf(self) -> bool:
         return not self.children
@@ -138,6 +143,7 @@ class RadixCache:
         self.root_node.lock_ref = 1
         self._evictable_size = 0
         self._protected_size = 0
+        self._evict_heap: List[tuple] = []  # (last_access_time when pushed, id, node); stale entries allowed
 
     # ------------------------------------------------------------------ match
     def match_prefix(self, key: KeyLike) -> MatchResult:
@@ -192,6 +198,7 @@ class RadixCache:
                 leaf = TreeNode(next(self._ids), key[i:], value[i:].clone(), node, now)
                 node.children[ck] = leaf
                 self._evictable_size += len(leaf.key)
+                self._push_evictable(leaf)
                 return i
             child.last_access_time = now
             n = self._match_len(child.key, key[i:])
@@ -226,6 +233,7 @@ class RadixCache:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 moved += len(node.key)
+                self._push_evictable(node)
             node = node.parent
         self._evictable_size += moved
         self._protected_size -= moved
@@ -236,20 +244,32 @@ class RadixCache:
         """Free unlocked leaves in LRU order until >= num_tokens freed; return tokens freed."""
         if self.disable or num_tokens <= 0:
             return 0
-        heap = [(n.last_access_time, n.id, n) for n in self._nodes() if n.is_leaf() and n.lock_ref == 0]
-        heapq.heapify(heap)
+        heap = self._evict_heap
         freed = 0
         while heap and freed < num_tokens:
-            _, _, node = heapq.heappop(heap)
-            freed += self._delete_leaf(node)
+            t, _, node = heapq.heappop(heap)
+            node.in_heap = False
+            if node.parent is None or not node.is_leaf() or node.lock_ref > 0:
+                continue  # evicted, grew a child or got locked since: pushed again when evictable
+            if t != node.last_access_time:  # touched since it was pushed: back in at its real time
+                self._push_evictable(node)
+                continue
             parent = node.parent
-            if parent is not self.root_node and parent.is_leaf() and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
+            freed += self._delete_leaf(node)
+            self._push_evictable(parent)
         return freed
+
+    def _push_evictable(self, node: TreeNode) -> None:
+        """Gives an unlocked leaf its heap entry (at most one per node)."""
+        if node.in_heap or node is self.root_node or node.lock_ref > 0 or not node.is_leaf() or node.parent is None:
+            return
+        node.in_heap = True
+        heapq.heappush(self._evict_heap, (node.last_access_time, node.id, node))
 
     def _delete_leaf(self, node: TreeNode) -> int:
         self.allocator.free(node.value)
         del node.parent.children[self._child_key(node.key)]
+        node.parent = None
         self._evictable_size -= len(node.key)
         return len(node.key)
 
@@ -297,6 +317,8 @@ class RadixCache:
             raise RuntimeError(f"{node}: value length {node.value.numel()} != key length {len(node.key)}")
         if node.lock_ref < 0:
             raise RuntimeError(f"{node}: negative lock_ref")
+        if node.is_leaf() and node.lock_ref == 0 and not node.in_heap:
+            raise RuntimeError(f"{node}: an unlocked leaf without an eviction-heap entry")
         if self.page_size > 1:
             pages = node.value.reshape(-1, self.page_size)
             offsets = torch.arange(self.page_size, device=self.device)
