@@ -375,3 +375,42 @@ def test_sampled_logprobs_are_of_the_chosen_token(eng, vocab):
 def test_no_logprobs_unless_asked(eng):
     out = eng.generate("Hello", {"max_new_tokens": 2})
     assert "output_token_logprobs" not in out["meta_info"]
+
+
+# ---------------------------------------------------------------------------------- penalty bookkeeping
+class _NoWalk(list):
+    """A token list that refuses to be walked: only appends, len and slices are allowed."""
+
+    def __iter__(self):
+        raise AssertionError("the whole token list was walked")
+
+
+def test_penalty_tracker_equals_reference_and_costs_new_tokens_only():
+    import random
+
+    from radixlm.core import Req, SamplingParams
+    from radixlm.engine.sampler import PenaltyTracker, apply_penalties_reference
+
+    rng = random.Random(0)
+    V = 97
+    params = [dict(repetition_penalty=1.6), dict(repetition_penalty=0.7), dict(frequency_penalty=1.5),
+              dict(presence_penalty=-1.0), dict(frequency_penalty=-0.5, presence_penalty=0.8, repetition_penalty=1.3),
+              dict()]
+    reqs = [Req(f"r{i}", [rng.randrange(V) for _ in range(rng.randrange(1, 40))], SamplingParams(**p))
+            for i, p in enumerate(params)]
+    tracker = PenaltyTracker()
+    for step in range(30):
+        logits = torch.randn(len(reqs), V) * 3
+        want = logits.clone()
+        apply_penalties_reference(want, reqs)
+        got = logits.clone()
+        saved = [(r.origin_input_ids, r.output_ids) for r in reqs]
+        if step >= 1:  # after a request's first step the tracker may read only its new tokens
+            for r in reqs:
+                r.origin_input_ids, r.output_ids = _NoWalk(r.origin_input_ids), _NoWalk(r.output_ids)
+        tracker.apply(got, reqs)
+        for r, (o, p) in zip(reqs, saved):
+            r.origin_input_ids, r.output_ids = o, p
+        assert torch.equal(got, want), step
+        for r in reqs:
+            r.output_ids.append(rng.randrange(V) if rng.random() < 0.7 else r.origin_input_ids[0])

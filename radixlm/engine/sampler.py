@@ -1,7 +1,9 @@
 """Sampler: turns a batch's last-position logits into next tokens (and logprobs when asked).
 
 Owns the logit processing order: logprobs of the raw distribution are taken first; then
-repetition / frequency / presence penalties, logit_bias, the min_new_tokens EOS mask; then greedy
+repetition / frequency / presence penalties (PenaltyTracker: per-request running token counts on
+the device, updated with each step's new tokens only; apply_penalties_reference is the from-scratch
+reference), logit_bias, the min_new_tokens EOS mask; then greedy
 argmax for greedy rows, and temperature -> top-k -> top-p -> min-p -> multinomial for the others.
 A request with a seed samples from its own generator, so its output does not depend on the rest
 of the batch. Rows without a feature pay nothing for it.
@@ -9,6 +11,7 @@ of the batch. Rows without a feature pay nothing for it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -39,7 +42,9 @@ class SampleOutput:
         return self
 
 
-def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
+def apply_penalties_reference(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
+    """Plain reference: recomputes each request's token set and counts from scratch, O(prompt +
+    output) per step. `PenaltyTracker` must give identical logits (tested)."""
     for i, r in enumerate(reqs):
         sp = r.sampling_params
         if sp.repetition_penalty != 1.0:
@@ -51,6 +56,63 @@ def apply_penalties(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
             out = torch.tensor(r.output_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _wants_penalty(sp) -> bool:
+    return sp.repetition_penalty != 1.0 or bool(sp.frequency_penalty) or bool(sp.presence_penalty)
+
+
+class _PenaltyState:
+    """One request's running token statistics on the device: `seen` (prompt and output tokens, for
+    the repetition penalty), `counts` (output tokens, for frequency / presence), and how many
+    output tokens they already include."""
+
+    __slots__ = ("seen", "counts", "num_counted")
+
+    def __init__(self, r: Req, vocab: int, device, dtype) -> None:
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if r.origin_input_ids:  # once per request: O(prompt)
+            self.seen[torch.tensor(r.origin_input_ids, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(vocab, dtype=dtype, device=device)
+        self.num_counted = 0
+
+    def update(self, output_ids: List[int]) -> None:
+        new = output_ids[self.num_counted:]
+        if new:  # O(new tokens)
+            t = torch.tensor(new, dtype=torch.long, device=self.seen.device)
+            self.seen[t] = True
+            self.counts.index_add_(0, t, torch.ones(len(new), dtype=self.counts.dtype, device=t.device))
+            self.num_counted = len(output_ids)
+
+
+class PenaltyTracker:
+    """Repetition / frequency / presence penalties with per-request running counts, updated with
+    each step's new tokens only (a request's state is dropped with the request)."""
+
+    def __init__(self) -> None:
+        self._states: "weakref.WeakKeyDictionary[Req, _PenaltyState]" = weakref.WeakKeyDictionary()
+
+    def _state(self, r: Req, logits: torch.Tensor) -> _PenaltyState:
+        st = self._states.get(r)
+        if st is None or st.num_counted > len(r.output_ids) or st.seen.device != logits.device \
+                or st.seen.shape[0] != logits.shape[1]:
+            st = self._states[r] = _PenaltyState(r, logits.shape[1], logits.device, logits.dtype)
+        st.update(r.output_ids)
+        return st
+
+    def apply(self, logits: torch.Tensor, reqs: Sequence[Req]) -> None:
+        for i, r in enumerate(reqs):
+            sp = r.sampling_params
+            if not _wants_penalty(sp):
+                continue
+            st = self._state(r, logits)
+            if sp.repetition_penalty != 1.0:
+                row = logits[i]
+                p = sp.repetition_penalty
+                logits[i] = torch.where(st.seen, torch.where(row > 0, row / p, row * p), row)
+            if (sp.frequency_penalty or sp.presence_penalty) and r.output_ids:
+                counts = st.counts.to(logits.dtype)
+                logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def apply_logit_bias(logits: torch.Tensor, reqs: Sequence[Req]) -> None:
@@ -89,6 +151,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.grammar_backend = None  # set by the scheduler when constrained decoding is enabled
+        self.penalties = PenaltyTracker()
 
     def apply_grammar(self, logits: torch.Tensor, reqs: Sequence[Req]) -> None:
         """Masks every constrained row to the tokens its grammar allows; other rows pay nothing."""
@@ -109,7 +172,7 @@ class Sampler:
         out = SampleOutput(next_token_ids=[0] * len(reqs))
         if any(r.return_logprob for r in reqs):
             raw = torch.log_softmax(logits, dim=-1)
-        apply_penalties(logits, reqs)
+        self.penalties.apply(logits, reqs)
         apply_logit_bias(logits, reqs)
         apply_min_new_tokens(logits, reqs, self.eos_token_ids)
         self.apply_grammar(logits, reqs)
