@@ -134,16 +134,10 @@ class EngineLoop:
             try:
                 for out in self.scheduler.step():
                     self._deliver(out)
-            except Exception as e:  # a bug or device error: fail every request in flight, stay up
-                logger.exception("scheduler step failed; aborting the requests in flight")
-                for rid in [r.rid for r in self.scheduler.live_reqs() + list(self.scheduler.waiting)]:
-                    self.scheduler.abort_request(rid)
-                sinks, self.sinks = self.sinks, {}
-                for sink in {id(s): s for s in sinks.values()}.values():
-                    try:
-                        sink(RuntimeError(f"engine step failed: {e}"))
-                    except Exception:  # noqa: BLE001 - that caller is gone too
-                        pass
+            except Exception as e:  # noqa: BLE001 - last resort: step() fails only its own batch
+                logger.exception("scheduler step failed outside a batch")
+                for out in self.scheduler.recover(f"internal error in the scheduler: {type(e).__name__}: {e}"):
+                    self._deliver(out)
 
 
 class Engine:
@@ -155,8 +149,8 @@ class Engine:
                                                                              args.trust_remote_code)
         self.scheduler = create_scheduler(args, self.tokenizer)
         self.model_config = self.scheduler.runner.model_config
-        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len,
-                                      args.grammar_backend)
+        self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
+                                                       self.model_config.context_len)
         self.loop = EngineLoop(self.scheduler)
         logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
                     self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)

@@ -9,12 +9,17 @@ It decides nothing about which requests run: that is the scheduler's job.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from radixlm.core import Req
 from radixlm.host_copy import to_device_int64
+
+
+def step_slots(batch) -> List[Tuple[Req, torch.Tensor]]:
+    """(request, the slots this step took for its new tokens) for each request of a batch."""
+    return list(zip(batch.reqs, torch.split(batch.out_cache_loc, list(batch.extend_lens))))
 
 
 class KVOwnership:
@@ -68,15 +73,29 @@ class KVOwnership:
 
     def free(self, req: Req) -> None:
         """Returns the request's own slots and row to the pools and drops its lock (no caching)."""
-        if req.req_pool_idx is None:
-            return
-        row = self.row(req)
-        if req.kv_len > req.cache_protected_len:
-            self.allocator.free(row[req.cache_protected_len:req.kv_len].clone())
-        if req.last_node is not None:
-            self.tree_cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node = None, None
+        self.free_with_step_slots([req], [None])
+
+    def free_with_step_slots(self, reqs: Sequence[Req], step_slots: Sequence[Optional[torch.Tensor]]) -> None:
+        """Frees requests (own slots, row, lock) together with the slots a step that failed had
+        taken for each (`step_slots[i]`, whether or not `kv_len` counts them yet). Every page goes
+        back once, also where a step's slots continue a request's partial page. A request that holds
+        no row only drops its lock (a failure between locking a prefix and taking a row)."""
+        held = []
+        for req, extra in zip(reqs, step_slots):
+            if req.req_pool_idx is None:
+                continue
+            held.append(self.row(req)[req.cache_protected_len:req.kv_len])
+            if extra is not None:
+                held.append(extra.to(held[-1].device))
+        slots = torch.cat(held) if held else None
+        if slots is not None and slots.numel():
+            self.allocator.free(torch.unique(slots))
+        for req in reqs:
+            if req.last_node is not None:
+                self.tree_cache.dec_lock_ref(req.last_node)
+            if req.req_pool_idx is not None:
+                self.req_to_token_pool.free(req.req_pool_idx)
+            req.req_pool_idx, req.last_node = None, None
 
     def _insert_computed(self, req: Req) -> int:
         """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.

@@ -138,15 +138,11 @@ class OverlapMixin:
         except Exception as e:  # noqa: BLE001 - fail this batch (and the one that consumed its ids)
             logger.exception("forward failed for a batch of %d requests", batch.batch_size)
             msg = f"internal error: {type(e).__name__}: {e}"
-            outs = self._fail_batch(batch, msg)
-            if successor is not None:
-                self._inflight = None
-                try:
-                    successor.future.result()
-                except Exception:  # noqa: BLE001 - it failed too (it needed cur's ids)
-                    pass
-                outs += self._fail_batch(successor.batch, msg)
-            return outs
+            if successor is None:
+                return self._fail_batch(msg, batch)
+            self._inflight = None
+            successor.future.exception()  # it fails too (it needed cur's ids); wait until it is done
+            return self._fail_batch(msg, batch, successor.batch)
         for req in batch.reqs:
             if cur.is_zombie(req):  # its last token's KV is computed now: hand everything over
                 self.stats.num_overlap_zombies += 1

@@ -16,6 +16,7 @@ POLICIES = ("lpm", "fcfs", "dfs-weight", "random", "lof")
 LPM_FALLBACK_QUEUE_LEN = 128  # above this, lpm costs more than it saves: use fcfs (SGLang's rule)
 DECODE_RESERVE_CAP = 4096  # at most this many future tokens are reserved per request
 IN_BATCH_PREFIX_MIN = 32  # waiting requests sharing this many new tokens go one at a time
+MIN_CHUNK_TOKENS = 32  # a chunked prefill waits rather than crawl beside running requests in smaller chunks
 
 
 def validate_policy(name: str) -> str:
@@ -121,6 +122,21 @@ class PrefillAdder:
         if needed > self.rem_total or take > self.rem_input:
             return 0
         return max(take, 0)
+
+    def budget_for_chunk(self, left: int, first: bool) -> int:
+        """How many of the chunked request's `left` tokens its next chunk takes: what fits in
+        rem_chunk and rem_total (page-aligned), SGLang's `min(rem_chunk, rem_total)`. 0 (wait, and
+        let the running requests decode) when what fits next to running requests is less than
+        MIN_CHUNK_TOKENS (or than a smaller full chunk); with nothing running (`first`) any
+        progress is taken."""
+        take = left if self.rem_chunk is None else min(left, self.rem_chunk)
+        useful = take if take < MIN_CHUNK_TOKENS else MIN_CHUNK_TOKENS
+        fits = max(int(self.rem_total), 0) // self.page_size * self.page_size
+        if take > fits:
+            take = fits
+        if not first and take < useful:
+            return 0
+        return take
 
     def commit(self, fill_ids: List[int], taken: int, reserve: float) -> None:
         pages = -(-taken // self.page_size) * self.page_size  # a partial page still takes a page

@@ -18,21 +18,23 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+import itertools
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from radixlm.constrained import grammar_key
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
-from radixlm.sched.kv_ownership import KVOwnership
+from radixlm.sched.kv_ownership import KVOwnership, step_slots
 from radixlm.sched.output_processor import OutputProcessor
 from radixlm.sched.overlap import ForwardWorker, InFlight, OverlapMixin
-from radixlm.sched.schedule_policy import PrefillAdder, order_waiting, validate_policy
+from radixlm.sched.schedule_policy import DECODE_RESERVE_CAP, PrefillAdder, order_waiting, validate_policy
 
 logger = logging.getLogger(__name__)
 
 DECODE_LOG_INTERVAL = 40
+RETRACT_DECODE_STEPS = 20  # decode steps each remaining request is assumed to take after a retraction
 
 
 @dataclass
@@ -61,6 +63,14 @@ class SchedulerConfig:
             self.chunked_prefill_size = None
 
 
+def retracted_token_ratio(running: Sequence[Req]) -> float:
+    """new_token_ratio after a retraction (SGLang's rule): what the remaining requests generated
+    plus 20 more steps each, over what they may generate at most."""
+    gen = sum(len(r.output_ids) for r in running)
+    total_max = sum(min(r.max_new_tokens, DECODE_RESERVE_CAP) for r in running)
+    return min(1.0, (gen + RETRACT_DECODE_STEPS * len(running)) / (total_max + 1))
+
+
 @dataclass
 class SchedulerStats:
     num_prefill_batches: int = 0
@@ -76,6 +86,10 @@ class SchedulerStats:
     num_overlapped_batches: int = 0  # decode steps launched before the previous step's tokens were seen
     num_overlap_zombies: int = 0  # requests that had finished when their overlapped step completed
     num_integrity_violations: int = 0  # KV-ownership invariant violations found when idle (logged)
+    num_failed_reqs: int = 0  # requests aborted because a step (or their part of one) raised
+    num_chunk_waits: int = 0  # steps where the chunked request waited for memory and decode ran instead
+    num_admission_rollbacks: int = 0  # prefill admissions undone because the pool could not give the slots
+    num_clipped_max_new_tokens: int = 0  # requests whose max_new_tokens was clipped to fit max_req_len
 
     @property
     def cache_hit_rate(self) -> float:
@@ -122,11 +136,22 @@ class Scheduler(OverlapMixin):
     def max_total_num_tokens(self) -> int:
         return self.allocator.size
 
+    @property
+    def max_req_len(self) -> int:
+        """Longest sequence (prompt + output) one request can hold: the context, or the KV pool."""
+        return min(self.context_len, self.allocator.size)
+
     def add_request(self, req: Req) -> None:
-        needed = len(req.origin_input_ids) + 1
-        if needed > self.allocator.size:
-            raise ValueError(f"The input ({len(req.origin_input_ids)} tokens) needs more KV cache than the pool "
+        n_in = len(req.origin_input_ids)
+        if n_in + 1 > self.allocator.size:
+            raise ValueError(f"The input ({n_in} tokens) needs more KV cache than the pool "
                              f"holds ({self.allocator.size} tokens); raise max_total_tokens")
+        cap = self.max_req_len - n_in  # SGLang's clipping: admitted requests can always finish
+        if req.max_new_tokens > cap:
+            logger.info("request %s: max_new_tokens %s clipped to %d (max_req_len %d - %d input tokens)",
+                        req.rid, req.sampling_params.max_new_tokens, cap, self.max_req_len, n_in)
+            req.sampling_params.max_new_tokens = cap
+            self.stats.num_clipped_max_new_tokens += 1
         dev = torch.device(self.runner.device)
         if req.generator is not None and req.generator.device != dev:  # sample on the device: no host sync
             req.generator = torch.Generator(device=dev).manual_seed(req.generator.initial_seed())
@@ -215,9 +240,7 @@ class Scheduler(OverlapMixin):
 
     def _step_fresh(self) -> List[ReqOutput]:
         outputs: List[ReqOutput] = []
-        batch = self._get_new_batch_prefill(outputs)
-        if batch is not None and self.cfg.enable_mixed_chunk and self.running:
-            self._mix_in_decode(batch)
+        batch = self._prefill_batch(outputs)
         if batch is None and self.running:
             batch = self._get_decode_batch(outputs)
         if batch is None:
@@ -233,7 +256,7 @@ class Scheduler(OverlapMixin):
             result = self.runner.forward_and_sample(batch)
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the rest
             logger.exception("forward failed for a batch of %d requests", batch.batch_size)
-            return outputs + self._fail_batch(batch, f"internal error: {type(e).__name__}: {e}")
+            return outputs + self._fail_batch(f"internal error: {type(e).__name__}: {e}", batch)
         if batch.forward_mode.is_decode:
             outputs.extend(self._process_decode(batch, result))
         else:
@@ -262,20 +285,31 @@ class Scheduler(OverlapMixin):
         batch.input_logprob_ranges.extend([None] * len(reqs))
         batch.num_mixed_decode = len(reqs)
         self.stats.num_mixed_batches += 1
-    def _fail_batch(self, batch: ScheduleBatch, message: str) -> List[ReqOutput]:
-        """Returns every slot the failed step took and aborts its requests (zombies of an overlapped
-        step already finished: they only give their KV back)."""
-        self.allocator.free(batch.out_cache_loc)
-        outs = []
-        for req in batch.reqs:
+    def _fail_batch(self, message: str, *batches: ScheduleBatch) -> List[ReqOutput]:
+        """A step failed: its requests (of every batch given: a failed step and the one chained on
+        it) give back all they hold, this step's slots included, and are aborted. Zombies of an
+        overlapped step finished already: they only give their KV back."""
+        slots: Dict[int, List[torch.Tensor]] = {}
+        reqs: Dict[int, Req] = {}
+        for batch in batches:
+            for req, sl in step_slots(batch):
+                reqs[id(req)] = req
+                slots.setdefault(id(req), []).append(sl)
+        return self._fail_reqs([(r, torch.cat(slots[i])) for i, r in reqs.items()], message)
+
+    def _fail_reqs(self, reqs: Sequence[tuple], message: str) -> List[ReqOutput]:
+        """Takes (req, slots a failed step took for it or None) out of every queue, frees all it
+        holds and aborts it (unless it had finished already)."""
+        for req, _ in reqs:
             if req is self.chunked_req:
                 self.chunked_req = None
             if req in self.running:
                 self.running.remove(req)
-            self.kv.free(req)
-            if not req.finished:  # (zombies of an overlapped step have finished already)
-                outs.append(self.out.finish(req, FinishReason("abort", message=message)))
-        return outs
+            if req in self.waiting:
+                self.waiting.remove(req)
+        self.kv.free_with_step_slots([r for r, _ in reqs], [sl for _, sl in reqs])
+        self.stats.num_failed_reqs += len(reqs)
+        return [self.out.finish(r, FinishReason("abort", message=message)) for r, _ in reqs if not r.finished]
 
     def idle_check(self) -> None:
         """The idle-time invariant check: fatal with `debug_integrity_check` (tests, debugging),
@@ -290,20 +324,16 @@ class Scheduler(OverlapMixin):
                              self.stats.num_integrity_violations)
 
     def recover(self, message: str) -> List[ReqOutput]:
-        """Last resort after an exception escaped `step()`: fails the requests that hold KV (the
-        step in flight, running and chunked ones), returning their memory; queued ones stay."""
-        outs: List[ReqOutput] = []
+        """Last resort after an exception escaped `step()` (a bug: step() fails only the batch
+        that raised): fails the requests that hold KV (the step in flight, running and chunked
+        ones), returning their memory; queued requests stay queued."""
         cur, self._inflight = self._inflight, None
-        reqs = list(self.live_reqs())
         if cur is not None:
-            reqs += [r for r in cur.batch.reqs if r not in reqs]
-            self.allocator.free(cur.batch.out_cache_loc)
-        self.running, self.chunked_req = [], None
-        for req in reqs:
-            self.kv.free(req)
-            if not req.finished:
-                outs.append(self.out.finish(req, FinishReason("abort", message=message)))
-        return outs
+            cur.future.exception()  # let the worker finish with it before its slots are freed
+        reqs: Dict[int, tuple] = {id(r): (r, None) for r in self.live_reqs()}
+        if cur is not None:
+            reqs.update({id(r): (r, sl) for r, sl in step_slots(cur.batch)})
+        return self._fail_reqs(list(reqs.values()), message)
 
     def check_integrity(self) -> None:
         """Every slot is free, in the tree, or owned by exactly one live request (or by the step in
@@ -319,25 +349,47 @@ class Scheduler(OverlapMixin):
     def live_reqs(self) -> List[Req]:
         return self.running + ([self.chunked_req] if self.chunked_req else [])
 
-    def _get_new_batch_prefill(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
+    def _prefill_batch(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
+        """This step's extend batch (with the running requests mixed in under mixed chunk), or
+        None. An exception while forming it fails only the requests it was admitting."""
         if not self.waiting and self.chunked_req is None:
             return None
         self._resolve_grammars(outputs)
+        admitted: List[Req] = []
+        try:
+            batch = self._get_new_batch_prefill(admitted)
+            if batch is not None and self.cfg.enable_mixed_chunk and self.running:
+                self._mix_in_decode(batch)
+            return batch
+        except Exception as e:  # noqa: BLE001 - a bug or a bad request fails its batch, not the server
+            logger.exception("forming a prefill batch failed; failing its %d requests", len(admitted))
+            outputs.extend(self._fail_reqs([(r, None) for r in admitted],
+                                           f"internal error: {type(e).__name__}: {e}"))
+            return None
+
+    def _get_new_batch_prefill(self, admitted: List[Req]) -> Optional[ScheduleBatch]:
+        """Admits the chunked request's next chunk, then waiting requests in policy order, within
+        the step's budgets. `admitted` collects every request that took a lock or a row (so a
+        failure can give them back)."""
         reserve_running = sum(PrefillAdder.decode_reserve(r, self.new_token_ratio) for r in self.running)
+        if self.cfg.enable_mixed_chunk:  # the running requests decode inside this step: one slot (page) each
+            reserve_running += len(self.running) * self.page_size
         adder = PrefillAdder(
             rem_total=self.allocator.available_size() + self.tree_cache.evictable_size() - reserve_running,
             rem_input=self.cfg.max_prefill_tokens,
             rem_chunk=self.cfg.chunked_prefill_size,
             page_size=self.page_size,
         )
-        admitted: List[Req] = []
         chunk_open = False  # a request stays mid-prefill after this step: admit nothing behind it
         if self.chunked_req is not None:
             req = self.chunked_req
             left = req.seq_len - req.kv_len
-            take = adder.budget_for(left, 0.0, first=not self.running)
-            if take <= 0:
-                take = min(left, self.page_size)  # the in-flight chunk always makes progress
+            take = adder.budget_for_chunk(left, first=not self.running)
+            if take <= 0 and not self.running:  # cannot happen (add_request checked the pool): never spin
+                raise RuntimeError(f"the chunked request's remaining {left} tokens do not fit the idle pool")
+            if take <= 0:  # too little fits next to the running requests: they decode this step
+                self.stats.num_chunk_waits += 1
+                return None
             req.prefix_len, req.extend_len = req.kv_len, take
             adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.new_token_ratio))
             admitted.append(req)
@@ -366,42 +418,58 @@ class Scheduler(OverlapMixin):
                 self.tree_cache.dec_lock_ref(match.last_node)
                 adder.rem_total += locked
                 break
+            req.last_node = match.last_node
+            admitted.append(req)
             self._admit(req, match, take)
             adder.commit(req.fill_ids, take, reserve if take == extend else 0.0)
-            admitted.append(req)
             if take < extend:
-                self.chunked_req, chunk_open = req, True
+                chunk_open = True
         if not admitted:
             return None
+        batch = self._build_extend_batch(admitted)
+        if batch is None:  # the budget counted evictable tokens that were locked after all: retry later
+            self.stats.num_admission_rollbacks += 1
+            logger.warning("prefill admission rolled back: %d requests wait for KV memory", len(admitted))
+            for req in admitted:
+                if req is not self.chunked_req:
+                    self.kv.free(req)
+                    req.reset_kv_state()
+            admitted.clear()
+            return None
         for req in admitted:
+            if req is not self.chunked_req and req.extend_len < req.seq_len - req.kv_len:
+                self.chunked_req = req
             if req in self.waiting:
                 self.waiting.remove(req)
-        return self._build_extend_batch(admitted)
+            if req.extend_is_first_chunk and not req.output_ids:  # a resumed request re-uses its own KV
+                req.cached_tokens += req.prefix_len
+        return batch
 
     def _admit(self, req: Req, match, take: int) -> None:
         """Binds a request (whose matched prefix is already locked) to a row and its prefix."""
-        req.last_node = match.last_node
         req.req_pool_idx = self.req_to_token_pool.alloc()
         prefix_len = len(match.indices)
         self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
         req.prefix_len = req.kv_len = req.cache_protected_len = prefix_len
         req.extend_len = take
         req.extend_is_first_chunk = True
-        if not req.output_ids:  # a resumed request (retraction, jump-forward) re-uses its own KV
-            req.cached_tokens += prefix_len
 
-    def _build_extend_batch(self, reqs: List[Req]) -> ScheduleBatch:
+    def _build_extend_batch(self, reqs: List[Req]) -> Optional[ScheduleBatch]:
+        """The extend batch of the admitted requests, or None when the pool cannot give their slots."""
         prefix_lens = [r.kv_len for r in reqs]
         extend_lens = [r.extend_len for r in reqs]
         loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), prefix_lens, extend_lens)
-        if loc is None:  # the admission budget counted evictable tokens that are all locked after all
-            raise RuntimeError("KV pool exhausted during prefill admission (budget accounting bug)")
+        if loc is None:
+            return None
         input_ids: List[int] = []
-        start = 0
-        for req, pre, ext in zip(reqs, prefix_lens, extend_lens):
-            self.req_to_token_pool.write(req.req_pool_idx, pre, loc[start:start + ext])
-            input_ids.extend(req.fill_ids[pre:pre + ext])
-            start += ext
+        slices = list(torch.split(loc, extend_lens))
+        try:
+            for req, pre, ext, sl in zip(reqs, prefix_lens, extend_lens, slices):
+                self.req_to_token_pool.write(req.req_pool_idx, pre, sl)
+                input_ids.extend(req.fill_ids[pre:pre + ext])
+        except BaseException:
+            self.kv.free_with_step_slots(reqs, slices)  # the step's slots go back with the requests
+            raise
         sample = [pre + ext == r.seq_len and r.max_new_tokens > len(r.output_ids)
                   for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
         ranges = [r.input_logprob_range(pre, ext) for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
@@ -422,33 +490,42 @@ class Scheduler(OverlapMixin):
             100 * self.stats.last_hit_rate, 100 * self.stats.cache_hit_rate)
 
     def _process_prefill(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
-        outputs = []
-        sampled = iter(range(len(result.next_token_ids)))
+        outputs: List[ReqOutput] = []
         n = batch.batch_size - batch.num_mixed_decode  # mixed-in decoding requests are handled after
+        rows = list(itertools.accumulate(batch.sample[:n], initial=0))  # request i's row in the result
+        slots = step_slots(batch)
         for i, (req, do_sample) in enumerate(zip(batch.reqs[:n], batch.sample[:n])):
-            if result.input_logprobs is not None and result.input_logprobs[i]:
-                req.input_logprobs.extend(result.input_logprobs[i])
-            req.kv_len += req.extend_len
-            req.extend_is_first_chunk = False
-            if req is self.chunked_req and req.kv_len < req.seq_len:
-                self.kv.cache_unfinished(req)
-                continue
-            if req is self.chunked_req:
-                self.chunked_req = None
-            if not do_sample:  # max_new_tokens already reached (0): prefill only
-                self.kv.cache_finished(req)
-                outputs.append(self.out.attach_input_logprobs(
-                    req, self.out.finish(req, FinishReason("length", length=len(req.output_ids)))))
-                continue
-            outputs.append(self.out.attach_input_logprobs(req, self.out.append_token(req, result, next(sampled))))
-            if req.finished:
-                self.kv.cache_finished(req)
-            elif req.pending_tokens:
-                self._park_for_extend(req)
-            else:
-                self.kv.cache_unfinished(req)
-                self.running.append(req)
+            try:
+                self._prefill_done(req, do_sample, result, i, rows[i], outputs)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                logger.exception("processing the prefill of request %s failed", req.rid)
+                outputs.extend(self._fail_reqs([(req, slots[i][1])], f"internal error: {type(e).__name__}: {e}"))
         return outputs
+
+    def _prefill_done(self, req: Req, do_sample: bool, result, i: int, row: int, outputs: List[ReqOutput]) -> None:
+        """Request i of an extend batch computed its chunk (result row `row` when it sampled)."""
+        if result.input_logprobs is not None and result.input_logprobs[i]:
+            req.input_logprobs.extend(result.input_logprobs[i])
+        req.kv_len += req.extend_len
+        req.extend_is_first_chunk = False
+        if req is self.chunked_req and req.kv_len < req.seq_len:
+            self.kv.cache_unfinished(req)
+            return
+        if req is self.chunked_req:
+            self.chunked_req = None
+        if not do_sample:  # max_new_tokens already reached (0): prefill only
+            self.kv.cache_finished(req)
+            outputs.append(self.out.attach_input_logprobs(
+                req, self.out.finish(req, FinishReason("length", length=len(req.output_ids)))))
+            return
+        outputs.append(self.out.attach_input_logprobs(req, self.out.append_token(req, result, row)))
+        if req.finished:
+            self.kv.cache_finished(req)
+        elif req.pending_tokens:
+            self._park_for_extend(req)
+        else:
+            self.kv.cache_unfinished(req)
+            self.running.append(req)
 
     # ------------------------------------------------------------------ decode
     def _get_decode_batch(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
@@ -465,25 +542,27 @@ class Scheduler(OverlapMixin):
                              [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs))
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
-        """Preempts the least-progressed request (SGLang's order); False when nothing can go."""
-        if len(self.running) <= 1:
+        """Preempts the least-progressed request (SGLang's order: fewest output tokens, then the
+        longer prompt), the chunked request in flight included; False when nothing can go."""
+        candidates = self.live_reqs()
+        if len(candidates) <= 1:
             if self.running:  # even alone it cannot get one more slot: the pool is too small
                 req = self.running.pop()
                 self.kv.free(req)
                 outputs.append(self.out.finish(req, FinishReason("abort", message="KV cache pool is too small")))
             return False
-        self.running.sort(key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
-        req = self.running.pop()
+        req = min(candidates, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
+        if req is self.chunked_req:
+            self.chunked_req = None
+        else:
+            self.running.remove(req)
         self.kv.free(req)
         req.reset_kv_state()
         req.num_retractions += 1
         self.waiting.append(req)
         self.stats.num_retractions += 1
         old = self.new_token_ratio
-        gen = sum(len(r.output_ids) for r in self.running)
-        left = sum(r.max_new_tokens - len(r.output_ids) for r in self.running)
-        total_max = sum(min(r.max_new_tokens, 1 << 20) for r in self.running)
-        self.new_token_ratio = min(1.0, (gen + 20 * min(left, 1 << 20)) / (total_max + 1))
+        self.new_token_ratio = retracted_token_ratio(self.running)
         logger.info("KV cache pool is full. Retract requests. #retracted_reqs: 1, #new_token_ratio: %.4f -> %.4f",
                     old, self.new_token_ratio)
         return True
@@ -493,18 +572,29 @@ class Scheduler(OverlapMixin):
         """Decoding requests took one step: append their tokens. `rows`: (result row - offset, req).
         A request that finishes but is already in the `successor` step becomes its zombie."""
         outputs = []
-        for i, req in rows:
-            req.kv_len += 1
-            outputs.append(self.out.append_token(req, result, offset + i))
         in_next = {id(r) for r in successor.batch.reqs} if successor is not None else set()
-        for req in [r for _, r in rows if r.finished or r.pending_tokens]:
-            self.running.remove(req)
-            if req.finished and id(req) in in_next:
-                successor.zombies.add(id(req))
-            elif req.finished:
-                self.kv.cache_finished(req)
-            else:
-                self._park_for_extend(req)
+        for i, req in rows:
+            try:
+                req.kv_len += 1
+                outputs.append(self.out.append_token(req, result, offset + i))
+                if not (req.finished or req.pending_tokens):
+                    continue
+                self.running.remove(req)
+                if req.finished and id(req) in in_next:
+                    successor.zombies.add(id(req))
+                elif req.finished:
+                    self.kv.cache_finished(req)
+                else:
+                    self._park_for_extend(req)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                logger.exception("processing the decode of request %s failed", req.rid)
+                if id(req) in in_next:  # its slot in the chained step goes back once that step is done
+                    successor.zombies.add(id(req))
+                    if req in self.running:
+                        self.running.remove(req)
+                    outputs.append(self.out.finish(req, FinishReason("abort", message=f"internal error: {e}")))
+                else:
+                    outputs.extend(self._fail_reqs([(req, None)], f"internal error: {type(e).__name__}: {e}"))
         return outputs
 
     def _process_decode(self, batch: ScheduleBatch, result, rows: Optional[List[tuple]] = None,
