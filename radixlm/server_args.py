@@ -1,134 +1,168 @@
-"""ServerArgs: every engine/server option, with SGLang's names and meanings, validated once and
-then frozen. `Engine(**kwargs)` and `launch_server --flag` both build one of these."""
+"""ServerArgs: every engine/server option, with SGLang's names and meanings, declared once.
+
+Each field carries its default, its help text, its choices (a tuple, or a registry looked up
+lazily) and its bounds; from these the command line (`launch_server.make_parser`) is generated and
+`__post_init__` validates, so `Engine(**kwargs)` and `launch_server --flag` accept and reject
+exactly the same values. The internal configs (`SchedulerConfig`, `RunnerConfig`) are derived from
+it with `derive_config`, and take their defaults from it with `default_of`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional
-
-from radixlm.attention import available_backends
-from radixlm.sched.schedule_policy import POLICIES
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DEFAULT_MAX_RUNNING_REQUESTS = 256  # when max_running_requests is not given
+
+Choices = Union[Tuple[str, ...], Callable[[], Any]]
+
+
+def _policies():
+    from radixlm.sched.schedule_policy import POLICIES
+
+    return POLICIES
+
+
+def _attention_backends():
+    from radixlm.attention import available_backends
+
+    return available_backends()
+
+
+def _grammar_backends():
+    from radixlm.constrained import GRAMMAR_BACKENDS
+
+    return GRAMMAR_BACKENDS
+
+
+def _tool_call_parsers():
+    from radixlm.entrypoints.openai.tool_parser import TOOL_CALL_PARSERS
+
+    return TOOL_CALL_PARSERS
+
+
+def opt(default: Any, help: str, *, choices: Optional[Choices] = None, ge: Optional[float] = None,
+        le: Optional[float] = None, group: Optional[str] = None, cli: bool = True, positive: bool = False):
+    """A ServerArgs field: default, help text (flag's `--help`), choices, inclusive bounds
+    (`positive`: strictly above 0), argument group, and whether the command line has it."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "ge": ge, "le": le, "group": group, "cli": cli,
+        "positive": positive})
+
+
+def choices_of(f: dataclasses.Field) -> Optional[Tuple[str, ...]]:
+    c = f.metadata.get("choices")
+    return tuple(c()) if callable(c) else c
 
 
 @dataclass(frozen=True)
 class ServerArgs:
-    model_path: Optional[str] = None
-    tokenizer_path: Optional[str] = None
-    dtype: str = "auto"
-    context_length: Optional[int] = None
-    device: str = "auto"
-    load_format: str = "auto"
-    trust_remote_code: bool = False
-    skip_tokenizer_init: bool = False
-    show_progress: bool = False  # progress bar while loading weights (the server turns it on)
+    # model
+    model_path: Optional[str] = opt(None, "Local HF checkpoint directory (config.json, *.safetensors).")
+    tokenizer_path: Optional[str] = opt(None, "Tokenizer directory (default: --model-path).")
+    dtype: str = opt("auto", "Weight and activation dtype; auto = the checkpoint's (bfloat16 for float32 ones "
+                             "on CUDA).", choices=DTYPES)
+    context_length: Optional[int] = opt(None, "Maximum context length (default: the model's "
+                                              "max_position_embeddings).", ge=1)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    load_format: str = opt("auto", "dummy = random weights of the config's shape, no weight file read "
+                                   "(benchmarks).", choices=LOAD_FORMATS)
+    trust_remote_code: bool = opt(False, "Allow custom tokenizer code in the checkpoint.")
+    skip_tokenizer_init: bool = opt(False, "No tokenizer: requests must carry input_ids, responses carry no "
+                                           "text.")
+    show_progress: bool = opt(False, "Progress bar while loading weights (the server turns it on).", cli=False)
     # memory and scheduling
-    mem_fraction_static: float = 0.88
-    max_total_tokens: Optional[int] = None
-    max_running_requests: Optional[int] = None
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: Optional[int] = 8192
-    schedule_policy: str = "lpm"
-    schedule_conservativeness: float = 1.0
-    disable_radix_cache: bool = False
-    page_size: int = 1
-    attention_backend: str = "auto"
-    random_seed: int = 0
-    enable_mixed_chunk: bool = False
-    # CUDA graphs for decode (CUDA + triton attention): batches up to cuda_graph_max_bs (None: 160, or 8
-    # on GPUs under 25 GiB; capped at max_running_requests)
-    cuda_graph_max_bs: Optional[int] = None
-    disable_cuda_graph: bool = False
-    # overlap scheduling: decode step N+1 computes while step N's results are processed (SGLang's default)
-    disable_overlap_schedule: bool = False
-    # structured generation
-    grammar_backend: str = "xgrammar"
-    disable_jump_forward: bool = False
-    constrained_json_disable_any_whitespace: bool = False
-    constrained_json_max_whitespace: Optional[int] = 4  # per whitespace run, so a weak model cannot pad
-    # tool calling (OpenAI chat API): hermes / qwen25 / qwen / llama3; None = from the chat template
-    # (hermes when it contains "<tool_call>", else llama3)
-    tool_call_parser: Optional[str] = None
+    mem_fraction_static: float = opt(0.88, "Fraction of GPU memory for weights + KV cache pool.",
+                                     positive=True, le=0.999)
+    max_total_tokens: Optional[int] = opt(None, "KV cache pool size in tokens (overrides "
+                                                "--mem-fraction-static).", ge=1)
+    max_running_requests: Optional[int] = opt(None, "Maximum requests decoding at once (default "
+                                                    f"{DEFAULT_MAX_RUNNING_REQUESTS}).", ge=1)
+    max_queued_requests: Optional[int] = opt(None, "Load shedding: answer 503 when more than max-running + "
+                                                   "this many requests are in flight.", ge=1)
+    max_prefill_tokens: int = opt(16384, "Token budget of one prefill batch.", ge=1)
+    chunked_prefill_size: Optional[int] = opt(8192, "Split long prompts into chunks of this many tokens; -1 "
+                                                    "disables.")
+    schedule_policy: str = opt("lpm", "Order of waiting requests: lpm = longest cached prefix first.",
+                               choices=_policies)
+    schedule_conservativeness: float = opt(1.0, "Scales the KV reserved for future decode tokens when "
+                                                "admitting (higher = fewer retractions).", positive=True)
+    enable_mixed_chunk: bool = opt(False, "Running requests decode inside prefill steps instead of waiting "
+                                          "for them.")
+    disable_radix_cache: bool = opt(False, "Turn off prefix reuse (for ablation).")
+    page_size: int = opt(1, "Tokens per KV page.", ge=1)
+    attention_backend: str = opt("auto", "auto = triton on CUDA when available, else torch_native.",
+                                 choices=_attention_backends)
+    random_seed: int = opt(0, "Seed for weights (dummy) and unseeded sampling.")
+    cuda_graph_max_bs: Optional[int] = opt(None, "Largest decode batch replayed from a CUDA graph (default: "
+                                                 "160, or 8 on GPUs under 25 GiB; never above "
+                                                 "--max-running-requests). CUDA with the triton attention "
+                                                 "backend only.", ge=1)
+    disable_cuda_graph: bool = opt(False, "Run every decode step eagerly, without CUDA graphs (for debugging "
+                                          "or ablation).")
+    disable_overlap_schedule: bool = opt(False, "Process each decode step's results before launching the "
+                                                "next, instead of while it computes (for debugging or "
+                                                "ablation). Overlap needs --page-size 1.")
+    # structured generation and tool calls
+    grammar_backend: str = opt("xgrammar", "Backend for regex / json_schema / ebnf constraints; none disables "
+                                           "them.", choices=_grammar_backends)
+    disable_jump_forward: bool = opt(False, "Decode grammar-forced text token by token instead of appending "
+                                            "it at once (ablation).")
+    constrained_json_disable_any_whitespace: bool = opt(False, "JSON constraints allow no free whitespace "
+                                                               "(compact separators only).")
+    constrained_json_max_whitespace: Optional[int] = opt(4, "Longest whitespace run a JSON constraint allows, "
+                                                            "so a weak model cannot pad its answer until "
+                                                            "max_new_tokens.", ge=0)
+    tool_call_parser: Optional[str] = opt(None, "Format of tool calls in the model's output (chat API tools): "
+                                                "hermes / qwen25 / qwen = <tool_call>{json}</tool_call> blocks, "
+                                                "llama3 = Llama-3.1 JSON calls. Default: hermes when the chat "
+                                                "template contains <tool_call>, else llama3.",
+                                          choices=_tool_call_parsers)
     # server
-    host: str = "127.0.0.1"
-    port: int = 30000
-    served_model_name: Optional[str] = None
-    api_key: Optional[str] = None
-    log_level: str = "info"
-    log_requests: bool = False
-    stream_interval: int = 1
-    enable_metrics: bool = False
-    max_queued_requests: Optional[int] = None
-    # CORS: comma-separated allowed origins ("*" for any); None = no CORS headers at all
-    cors_allow_origins: Optional[str] = None
-    # hardening limits (docs/limits.md): every one is answered with a 4xx naming the field
-    max_request_body_bytes: int = 32 * 1024 * 1024  # HTTP body size; larger -> 413
-    max_n: int = 128  # parallel samples of one prompt (`n`)
-    max_batch_prompts: int = 1024  # prompts in one batched request (text / input_ids lists)
-    max_top_logprobs_num: int = 20  # native top_logprobs_num and OpenAI top_logprobs
-    max_stop_strings: int = 64  # entries of `stop`
-    max_stop_string_len: int = 1024  # characters of each stop string
-    max_grammar_bytes: int = 128 * 1024  # regex / ebnf / json_schema text
-    grammar_compile_timeout: float = 30.0  # seconds; a slower compile fails its request with a 400
-    grammar_cache_size: int = 256  # compiled grammars kept (LRU)
-    # debug: fail the scheduler on a KV-ownership invariant violation (checked when idle) instead of
-    # logging and counting it
-    enable_debug_integrity_check: bool = False
+    host: str = opt("127.0.0.1", "Address to bind.")
+    port: int = opt(30000, "Port to bind.", ge=0, le=65535)
+    served_model_name: Optional[str] = opt(None, "Model name in the OpenAI API (default: model path).")
+    api_key: Optional[str] = opt(None, "Require 'Authorization: Bearer KEY' on every API route.")
+    log_level: str = opt("info", "Logging level.", choices=LOG_LEVELS)
+    log_requests: bool = opt(False, "Log every request's ids.")
+    stream_interval: int = opt(1, "Send a streaming chunk every N tokens.", ge=1)
+    enable_metrics: bool = opt(False, "Serve Prometheus metrics at /metrics.")
+    cors_allow_origins: Optional[str] = opt(None, "Send CORS headers for these origins (comma-separated; '*' "
+                                                  "for any). Default: no CORS.")
+    enable_debug_integrity_check: bool = opt(False, "Stop the scheduler when a KV-ownership invariant is "
+                                                    "violated (default: log and count it).")
+    # limits: every one is answered with a 4xx naming the field (docs/limits.md)
+    max_request_body_bytes: int = opt(32 * 1024 * 1024, "Largest HTTP request body; larger bodies get 413.",
+                                      ge=1, group="limits")
+    max_n: int = opt(128, "Most parallel samples (n) of one prompt.", ge=1, group="limits")
+    max_batch_prompts: int = opt(1024, "Most prompts in one batched request.", ge=1, group="limits")
+    max_top_logprobs_num: int = opt(20, "Largest top_logprobs_num / top_logprobs (OpenAI's cap).", ge=0,
+                                    group="limits")
+    max_stop_strings: int = opt(64, "Most stop strings in one request.", ge=1, group="limits")
+    max_stop_string_len: int = opt(1024, "Longest stop string in characters.", ge=1, group="limits")
+    max_grammar_bytes: int = opt(128 * 1024, "Largest regex / ebnf / json_schema text in bytes.", ge=1,
+                                 group="limits")
+    grammar_compile_timeout: float = opt(30.0, "Seconds a grammar may take to compile before its request "
+                                               "fails.", positive=True, group="limits")
+    grammar_cache_size: int = opt(256, "Compiled grammars kept, least recently used dropped first.", ge=1,
+                                  group="limits")
 
     def __post_init__(self):
-        def bad(field: str, why: str):
-            raise ValueError(f"{field}: {why}")
-
         if self.model_path is None:
-            bad("model_path", "is required")
-        if not (0 < self.mem_fraction_static < 1):
-            bad("mem_fraction_static", "must be in (0, 1)")
-        for name in ("max_total_tokens", "max_running_requests", "context_length", "max_queued_requests",
-                     "cuda_graph_max_bs"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                bad(name, "must be at least 1")
-        if self.max_prefill_tokens < 1:
-            bad("max_prefill_tokens", "must be at least 1")
-        for name in ("max_request_body_bytes", "max_n", "max_batch_prompts", "max_stop_strings",
-                     "max_stop_string_len", "max_grammar_bytes", "grammar_cache_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be at least 1")
-        if self.max_top_logprobs_num < 0:
-            bad("max_top_logprobs_num", "must be at least 0")
-        if not self.grammar_compile_timeout > 0:
-            bad("grammar_compile_timeout", "must be positive")
-        if self.page_size < 1:
-            bad("page_size", "must be at least 1")
-        if self.schedule_conservativeness <= 0:
-            bad("schedule_conservativeness", "must be positive")
-        if self.schedule_policy not in POLICIES:
-            bad("schedule_policy", f"{self.schedule_policy!r} is not one of {', '.join(POLICIES)}")
-        if self.attention_backend not in available_backends():
-            bad("attention_backend", f"{self.attention_backend!r} is not one of {', '.join(available_backends())}")
-        from radixlm.constrained import GRAMMAR_BACKENDS
-
-        if self.grammar_backend not in GRAMMAR_BACKENDS:
-            bad("grammar_backend", f"{self.grammar_backend!r} is not one of {', '.join(GRAMMAR_BACKENDS)}")
-        if self.constrained_json_max_whitespace is not None and self.constrained_json_max_whitespace < 0:
-            bad("constrained_json_max_whitespace", "must be at least 0")
-        if self.tool_call_parser is not None:
-            from radixlm.entrypoints.openai.tool_parser import TOOL_CALL_PARSERS
-
-            if self.tool_call_parser not in TOOL_CALL_PARSERS:
-                bad("tool_call_parser", f"{self.tool_call_parser!r} is not one of {', '.join(TOOL_CALL_PARSERS)}")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            bad("load_format", f"{self.load_format!r} is not one of auto, safetensors, dummy")
+            raise ValueError("model_path: is required")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size <= 0:  # -1 (SGLang): no chunks
+            object.__setattr__(self, "chunked_prefill_size", None)
+        if isinstance(self.log_level, str):
+            object.__setattr__(self, "log_level", self.log_level.lower())
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name))
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            bad("device", f"{self.device!r} is not one of auto, cpu, cuda")
-        if self.log_level.lower() not in LOG_LEVELS:
-            bad("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if self.stream_interval < 1:
-            bad("stream_interval", "must be at least 1")
-        if not (0 <= self.port < 65536):
-            bad("port", "must be in [0, 65535]")
+            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
     def replace(self, **kw) -> "ServerArgs":
         return dataclasses.replace(self, **kw)
@@ -144,3 +178,44 @@ class ServerArgs:
     @property
     def resolved_tokenizer_path(self) -> str:
         return self.tokenizer_path or self.model_path
+
+    @property
+    def resolved_max_running_requests(self) -> int:
+        return self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
+
+
+def check_field(f: dataclasses.Field, v: Any) -> None:
+    """Raises ValueError naming the field when `v` is outside its choices or bounds."""
+    if v is None:
+        return
+    m = f.metadata
+    choices = choices_of(f)
+    if choices is not None and v not in choices:
+        raise ValueError(f"{f.name}: {v!r} is not one of {', '.join(choices)}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{f.name}: must be a finite number")
+    if m.get("positive") and not v > 0:
+        raise ValueError(f"{f.name}: must be positive")
+    if m.get("ge") is not None and v < m["ge"]:
+        raise ValueError(f"{f.name}: must be at least {m['ge']}")
+    if m.get("le") is not None and v > m["le"]:
+        raise ValueError(f"{f.name}: must be at most {m['le']}")
+
+
+def default_of(name: str) -> Any:
+    """ServerArgs' default for a field: internal configs take their defaults from here."""
+    return ServerArgs.__dataclass_fields__[name].default
+
+
+def derive_config(cls, args: ServerArgs, **values: Any):
+    """An internal config dataclass from ServerArgs: every field of `cls` named like a ServerArgs
+    field takes its value; `values` gives the rest (renamed or computed ones)."""
+    own = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+           if f.name in ServerArgs.__dataclass_fields__ and f.name not in values}
+    return cls(**own, **values)
+
+
+def cli_fields() -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(ServerArgs) if f.metadata.get("cli", True)}

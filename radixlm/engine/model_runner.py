@@ -26,6 +26,7 @@ from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 from radixlm.models.loader import load_model
 from radixlm.models.model_config import ModelConfig
+from radixlm.server_args import DEFAULT_MAX_RUNNING_REQUESTS, default_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +36,17 @@ INPUT_LOGPROB_CHUNK = 1024  # prompt positions per logits matmul when prompt log
 
 @dataclass
 class RunnerConfig:
+    """The runner's options; `derive_config(RunnerConfig, server_args, ...)` builds it from the
+    validated ServerArgs (defaults come from there too, except the device: cpu here)."""
+
     device: str = "cpu"
-    attention_backend: str = "auto"
-    load_format: str = "auto"
+    attention_backend: str = default_of("attention_backend")
+    load_format: str = default_of("load_format")
     max_total_tokens: Optional[int] = None
-    mem_fraction_static: float = 0.88
-    max_running_requests: int = 256
-    page_size: int = 1
-    random_seed: int = 0
+    mem_fraction_static: float = default_of("mem_fraction_static")
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
+    page_size: int = default_of("page_size")
+    random_seed: int = default_of("random_seed")
     show_progress: bool = False
     # CUDA graphs for decode batches up to this size (None: 160, or 8 on GPUs under 25 GiB; never above
     # max_running_requests); CUDA with the triton backend only

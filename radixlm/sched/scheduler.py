@@ -29,7 +29,8 @@ from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.kv_ownership import KVOwnership, step_slots
 from radixlm.sched.output_processor import OutputProcessor
 from radixlm.sched.overlap import ForwardWorker, InFlight, OverlapMixin
-from radixlm.sched.schedule_policy import DECODE_RESERVE_CAP, PrefillAdder, order_waiting, validate_policy
+from radixlm.sched.schedule_policy import DECODE_RESERVE_CAP, PrefillAdder, order_waiting
+from radixlm.server_args import DEFAULT_MAX_RUNNING_REQUESTS, default_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +40,20 @@ RETRACT_DECODE_STEPS = 20  # decode steps each remaining request is assumed to t
 
 @dataclass
 class SchedulerConfig:
-    schedule_policy: str = "lpm"
-    max_running_requests: int = 256
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: Optional[int] = 8192  # None or <= 0 disables chunking
-    schedule_conservativeness: float = 1.0
+    """The scheduler's options; `derive_config(SchedulerConfig, server_args, ...)` builds it from the
+    validated ServerArgs (defaults come from there too)."""
+
+    schedule_policy: str = default_of("schedule_policy")
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
+    max_prefill_tokens: int = default_of("max_prefill_tokens")
+    chunked_prefill_size: Optional[int] = default_of("chunked_prefill_size")  # None: no chunking
+    schedule_conservativeness: float = default_of("schedule_conservativeness")
     disable_radix_cache: bool = False
-    random_seed: int = 0
+    random_seed: int = default_of("random_seed")
     enable_jump_forward: bool = True
     enable_mixed_chunk: bool = False  # running requests decode inside prefill steps instead of waiting
     enable_overlap: bool = False  # decode step N+1 computes while step N's results are processed
     debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
-
-    def __post_init__(self):
-        validate_policy(self.schedule_policy)
-        if self.max_running_requests < 1:
-            raise ValueError("max_running_requests must be at least 1")
-        if self.max_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens must be at least 1")
-        if self.schedule_conservativeness <= 0:
-            raise ValueError("schedule_conservativeness must be positive")
-        if self.chunked_prefill_size is not None and self.chunked_prefill_size <= 0:
-            self.chunked_prefill_size = None
 
 
 def retracted_token_ratio(running: Sequence[Req]) -> float:
