@@ -375,11 +375,11 @@ def test_repeated_prompt_hits_cache_and_flush_clears_it(server):
     third = gen(server, {"input_ids": prompt, "sampling_params": GREEDY})
     assert third["meta_info"]["cached_tokens"] == 0
     assert third["output_ids"] == first["output_ids"]
-    # RuntimeEndpoint.flush_cache sends a JSON body; GET works too
+    # RuntimeEndpoint.flush_cache sends a JSON body; POST only (tests/test_http_hardening.py)
     wait_idle(server)
     r = requests.post(server.base_url + "/flush_cache", json={"empty_cache": True}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
-    assert requests.get(server.base_url + "/flush_cache", timeout=TIMEOUT).status_code == 200
+    assert requests.get(server.base_url + "/flush_cache", timeout=TIMEOUT).status_code == 405
 
 
 def test_flush_cache_refused_while_busy_and_abort_request_ends_stream(server):

@@ -1,22 +1,31 @@
 """HTTP server: SGLang's native routes plus the OpenAI-compatible ones (entrypoints/openai/).
 
-Owns the FastAPI app, its error shapes, the optional API key, and the launch sequence
+Owns the FastAPI app, its error shapes, the HTTP surface's guards and the launch sequence
 (`launch_server`): start the runtime processes, then uvicorn. Request path:
-route -> TokenizerManager.build (validation, 400 on error) -> submit -> wait/stream -> JSON/SSE.
+[CORS] -> API key -> body size limit -> route -> TokenizerManager.build (validation, 400 on error)
+-> submit -> wait/stream -> JSON/SSE.
+
+Guards: the API key (`--api-key`) is compared in constant time and never echoed (/get_server_info
+redacts it); CORS headers only with `--cors-allow-origins`; every request body is capped at
+`--max-request-body-bytes` (413, from Content-Length or while a chunked body streams in, before any
+JSON parsing). `/health` is cheap (runtime alive: 200, else 503) and never queues a generation;
+`/health_generate` runs the one-token check. Prometheus counters never go backwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Dict, List
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixlm import __version__
 from radixlm.managers.tokenizer_manager import ReqState, ServiceUnavailable, TokenizerManager
@@ -39,12 +48,80 @@ def sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+class BodySizeLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before any route reads it.
+
+    Checked from Content-Length (nothing is read) and while the body streams in (chunked bodies
+    have no Content-Length): the body is buffered up to the limit, then replayed to the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, receive, send)
+        buffered, size = [], 0
+        while True:
+            msg = await receive()
+            buffered.append(msg)
+            if msg["type"] != "http.request":
+                break  # the client went away; the app will see it
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        resp = error_json(f"Request body too large: the limit is {self.limit} bytes (max_request_body_bytes, "
+                          f"--max-request-body-bytes)", 413, "RequestEntityTooLargeError", "max_request_body_bytes")
+        resp.headers["connection"] = "close"  # the rest of the body is never read
+        await resp(scope, receive, send)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: 'Authorization: Bearer KEY' on every route but the health checks and
+    /metrics, compared in constant time."""
+
+    OPEN_PATHS = ("/health", "/health_generate", "/metrics")
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                resp = error_json("Unauthorized: a valid API key is required", 401, "AuthenticationError")
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def cors_origins(value) -> List[str]:
+    """--cors-allow-origins: comma-separated origins, or '*'."""
+    return [o.strip() for o in (value or "").split(",") if o.strip()]
+
+
 def create_app(tm: TokenizerManager) -> FastAPI:
     args = tm.args
     app = FastAPI(title="radixlm", version=__version__)
     app.state.tm = tm
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"],
-                       allow_headers=["*"])
+    # the last added runs first: CORS (so that 401/413 carry its headers), API key, body size
+    app.add_middleware(BodySizeLimit, limit=args.max_request_body_bytes)
+    if args.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=args.api_key)
+    origins = cors_origins(args.cors_allow_origins)
+    if origins:  # off unless asked for
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials="*" not in origins,
+                           allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -61,13 +138,12 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     async def _unavailable(_req: Request, exc: ServiceUnavailable):
         return error_json(str(exc), 503, "ServiceUnavailableError")
 
-    if args.api_key:
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            if request.url.path not in ("/health", "/health_generate", "/metrics") and \
-                    request.headers.get("authorization") != f"Bearer {args.api_key}":
-                return error_json("Unauthorized: a valid API key is required", 401, "AuthenticationError")
-            return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException):
+        kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
+        resp = error_json(str(exc.detail), exc.status_code, kinds.get(exc.status_code, "HTTPError"))
+        resp.headers.update(exc.headers or {})  # 405 names the allowed methods
+        return resp
 
     @app.on_event("startup")
     async def _startup():
@@ -122,8 +198,19 @@ def create_app(tm: TokenizerManager) -> FastAPI:
         yield b"data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ health and info
-    async def _health_generate() -> Response:
-        if tm.dead_reason is not None:
+    def _unhealthy() -> Optional[str]:
+        server = getattr(app.state, "uvicorn_server", None)
+        if server is not None and server.should_exit:
+            return "the server is shutting down"
+        return tm.unhealthy_reason()
+
+    async def health() -> Response:
+        """Liveness without touching the scheduler's queue: a busy server is still healthy."""
+        return Response(status_code=503 if _unhealthy() is not None else 200)
+
+    async def health_generate() -> Response:
+        """SGLang's one-token generation check (20 s deadline)."""
+        if _unhealthy() is not None:
             return Response(status_code=503)
         msgs, _ = tm.builder.build(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0},
                                    rid=f"HEALTH_CHECK_{time.time()}")
@@ -134,8 +221,8 @@ def create_app(tm: TokenizerManager) -> FastAPI:
             return Response(status_code=503)
         return Response(status_code=200)
 
-    app.add_api_route("/health", _health_generate, methods=["GET"])
-    app.add_api_route("/health_generate", _health_generate, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health_generate", health_generate, methods=["GET"])
 
     async def model_info():
         return {"model_path": args.model_path, "tokenizer_path": args.resolved_tokenizer_path,
@@ -149,6 +236,8 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     async def server_info():
         state = await tm.get_internal_state()
         info = {k: v for k, v in vars(args).items()}
+        if info.get("api_key") is not None:
+            info["api_key"] = "<redacted>"  # never echo the secret
         info.update(state)  # SGLang merges scheduler_info into the top level
         info.update({"scheduler_info": state, "internal_states": [state], "version": __version__,
                      "max_req_input_len": tm.model_config.context_len - 1,
@@ -158,7 +247,7 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     app.add_api_route("/get_server_info", server_info, methods=["GET"])
     app.add_api_route("/server_info", server_info, methods=["GET"])
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.post("/flush_cache")  # POST only: a GET (a crawler, a prefetch) must not change state
     async def flush_cache():
         out = await tm.flush_cache()
         return PlainTextResponse(out.message, status_code=200 if out.success else 400)
@@ -194,12 +283,13 @@ def render_metrics(state: Dict[str, Any], tm: TokenizerManager) -> str:
         "radixlm:cache_hit_rate_total": state["cache_hit_rate"],
         "radixlm:max_total_num_tokens": state["max_total_num_tokens"],
     }
+    total = state["lifetime_counters"]  # the scheduler's counts plus those before each cache flush
     counters = {
-        "sglang:prompt_tokens_total": state["prefill_new_tokens"] + state["prefill_cached_tokens"],
-        "sglang:cached_tokens_total": state["prefill_cached_tokens"],
-        "sglang:generation_tokens_total": state["generated_tokens"],
+        "sglang:prompt_tokens_total": total["prefill_new_tokens"] + total["prefill_cached_tokens"],
+        "sglang:cached_tokens_total": total["prefill_cached_tokens"],
+        "sglang:generation_tokens_total": total["generated_tokens"],
         "sglang:num_requests_total": tm.num_requests_total,
-        "sglang:num_retractions_total": state["num_retractions"],
+        "sglang:num_retractions_total": total["num_retractions"],
     }
     lines = []
     for k, v in gauges.items():
@@ -219,6 +309,7 @@ def launch_server(args: ServerArgs) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)
+    app.state.uvicorn_server = server  # /health answers 503 once it is shutting down
 
     @app.on_event("startup")
     async def _ready():

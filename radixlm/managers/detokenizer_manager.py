@@ -3,6 +3,9 @@
 In: `BatchTokenIDOut` from the scheduler. Out: `BatchStrOut` to the tokenizer manager, one
 `StrOut` per request output with the UTF-8-safe text delta (see detokenizer.py). Owns one
 IncrementalDetokenizer per live request and drops it when the request finishes.
+Nothing that arrives is fatal: an undecodable message or one of another type is logged and
+dropped, and a request whose text cannot be decoded still gets its tokens and finish reason
+(with an empty text delta), so its client is answered instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from typing import Dict
 
 from radixlm.core import SamplingParams
 from radixlm.managers.detokenizer import IncrementalDetokenizer
-from radixlm.managers.io_struct import BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode, encode
+from radixlm.managers.io_struct import (BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode_or_drop,
+                                        encode)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,10 @@ class DetokenizerManager:
         for out, p in zip(batch.outputs, batch.detok_params):
             delta = ""
             if self.tokenizer is not None:
-                delta = self._state(out.rid, p).add(out.new_token_ids, out.finished_reason)
+                try:
+                    delta = self._state(out.rid, p).add(out.new_token_ids, out.finished_reason)
+                except Exception:  # noqa: BLE001 - one request's text is lost, not the process
+                    logger.exception("detokenizing request %r failed; its text delta is dropped", out.rid)
             if out.finished_reason is not None:
                 self.states.pop(out.rid, None)
             items.append(StrOut(out.rid, delta, out))
@@ -60,8 +67,15 @@ def run_detokenizer_process(args, ipc, parent_pid: int) -> None:
     send.connect(ipc.tokenizer_input)
     mgr = DetokenizerManager(tokenizer)
     while True:
-        msg = decode(recv.recv())
-        if isinstance(msg, BatchTokenIDOut):
-            send.send(encode(mgr.handle(msg)))
-        else:
-            logger.error("detokenizer got an unexpected message %s", type(msg).__name__)
+        msg = decode_or_drop(recv.recv(), "detokenizer", logger)
+        if msg is None:
+            continue
+        if not isinstance(msg, BatchTokenIDOut):
+            logger.error("detokenizer dropped an unexpected message %s", type(msg).__name__)
+            continue
+        try:
+            out = mgr.handle(msg)
+        except Exception:  # noqa: BLE001 - a malformed batch is dropped, the process lives on
+            logger.exception("detokenizer dropped a malformed BatchTokenIDOut")
+            continue
+        send.send(encode(out))

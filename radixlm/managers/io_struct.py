@@ -3,15 +3,18 @@
 Flow: TokenizerManager --TokenizedGenerateReqInput/AbortReq/...--> Scheduler
       Scheduler --BatchTokenIDOut--> DetokenizerManager --BatchStrOut--> TokenizerManager
       Scheduler --control replies (FlushCacheReqOutput, GetInternalStateReqOutput, ...)--> TokenizerManager
-`encode`/`decode` turn any registered message into bytes and back; decoding an unregistered type
-raises, so a stray object can never be mistaken for a message.
+`encode`/`decode` turn any registered message into bytes and back; decoding anything else raises
+`IPCDecodeError`, so a stray object can never be mistaken for a message. Receivers use
+`decode_or_drop`: a message that fails to decode is logged and dropped, never fatal to the process.
+Control requests carry a `req_id` that their reply echoes, so a late reply never answers a newer request.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from radixlm.core import FinishReason, ReqOutput
 
@@ -34,25 +37,35 @@ class AbortReq:
     abort_all: bool = False
 
 
+# The scheduler's cumulative counters (keys of its internal state). A cache flush resets them in the
+# scheduler; FlushCacheReqOutput reports their values just before, so the server's Prometheus
+# counters can keep counting from there.
+CUMULATIVE_STATS = ("prefill_new_tokens", "prefill_cached_tokens", "generated_tokens", "num_retractions",
+                    "jump_forward_tokens", "num_integrity_violations")
+
+
 @dataclass
 class FlushCacheReq:
-    pass
+    req_id: int = 0
 
 
 @dataclass
 class FlushCacheReqOutput:
     success: bool
     message: str = ""
+    req_id: int = 0
+    counters_before: Dict[str, int] = field(default_factory=dict)  # CUMULATIVE_STATS just before a flush
 
 
 @dataclass
 class GetInternalStateReq:
-    pass
+    req_id: int = 0
 
 
 @dataclass
 class GetInternalStateReqOutput:
     state: Dict[str, Any]
+    req_id: int = 0
 
 
 @dataclass
@@ -112,13 +125,29 @@ def encode(msg: Any) -> bytes:
     return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+class IPCDecodeError(pickle.UnpicklingError):
+    """The bytes are not an encoded radixlm IPC message (garbage, truncated, or a foreign object)."""
+
+
 def decode(data: bytes) -> Any:
     import io
 
-    msg = _Unpickler(io.BytesIO(data)).load()
+    try:
+        msg = _Unpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the same error to a receiver
+        raise IPCDecodeError(f"{e} ({type(e).__name__}, {len(data)} bytes)") from e
     if not isinstance(msg, MESSAGE_TYPES):
-        raise TypeError(f"{type(msg).__name__} is not a radixlm IPC message")
+        raise IPCDecodeError(f"{type(msg).__name__} is not a radixlm IPC message")
     return msg
+
+
+def decode_or_drop(data: bytes, receiver: str, log: Optional[logging.Logger] = None) -> Optional[Any]:
+    """decode(), but a message that fails to decode is logged and dropped (None) instead of raising."""
+    try:
+        return decode(data)
+    except IPCDecodeError as e:
+        (log or logging.getLogger(__name__)).error("%s dropped an undecodable IPC message: %s", receiver, e)
+        return None
 
 
 def to_req(msg: TokenizedGenerateReqInput):

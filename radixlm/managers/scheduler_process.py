@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
-                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
-                                        SchedulerReady, TokenizedGenerateReqInput, decode, detok_params_of, encode,
-                                        to_req)
+from radixlm.managers.io_struct import (CUMULATIVE_STATS, AbortReq, BatchTokenIDOut, DetokenizeParams,
+                                        FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
+                                        GetInternalStateReqOutput, SchedulerReady, TokenizedGenerateReqInput,
+                                        decode_or_drop, detok_params_of, encode, to_req)
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,9 @@ class SchedulerLoop:
                     data = self.recv.recv(flags=0 if block else zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.handle(decode(data))
+                msg = decode_or_drop(data, "scheduler", logger)
+                if msg is not None:
+                    self.handle(msg)
                 block = False
             if self.scheduler.has_work():
                 try:
@@ -170,26 +172,37 @@ class SchedulerLoop:
                 self.scheduler.idle_check()
 
     def handle(self, msg) -> None:
+        """One message from the tokenizer manager. Never raises: a message of an unexpected type, or
+        one whose handling fails, is logged and dropped (a failed flush is still answered)."""
         s = self.scheduler
-        if isinstance(msg, TokenizedGenerateReqInput):
-            try:
-                req = to_req(msg)
-                self.detok_params[req.rid] = detok_params_of(req.sampling_params)
-                s.add_request(req)
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone
-                self.emit([ReqOutput(msg.rid, [], FinishReason("abort", message=str(e)), len(msg.input_ids), 0, 0)])
-        elif isinstance(msg, AbortReq):
-            rids = [r.rid for r in s.live_reqs() + list(s.waiting)] if msg.abort_all else [msg.rid]
-            for rid in rids:
-                self.emit(s.abort_request(rid))
-        elif isinstance(msg, FlushCacheReq):
-            ok = s.flush_cache()
-            self.to_tokenizer.send(encode(FlushCacheReqOutput(
-                ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.")))
-        elif isinstance(msg, GetInternalStateReq):
-            self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s))))
-        else:
-            logger.error("scheduler got an unexpected message %s", type(msg).__name__)
+        try:
+            if isinstance(msg, TokenizedGenerateReqInput):
+                try:
+                    req = to_req(msg)
+                    self.detok_params[req.rid] = detok_params_of(req.sampling_params)
+                    s.add_request(req)
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                    self.emit([ReqOutput(msg.rid, [], FinishReason("abort", message=str(e)), len(msg.input_ids),
+                                         0, 0)])
+            elif isinstance(msg, AbortReq):
+                rids = [r.rid for r in s.live_reqs() + list(s.waiting)] if msg.abort_all else [msg.rid]
+                for rid in rids:
+                    self.emit(s.abort_request(rid))
+            elif isinstance(msg, FlushCacheReq):
+                before = scheduler_state(s)
+                ok = s.flush_cache()
+                self.to_tokenizer.send(encode(FlushCacheReqOutput(
+                    ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.",
+                    msg.req_id, {k: before[k] for k in CUMULATIVE_STATS} if ok else {})))
+            elif isinstance(msg, GetInternalStateReq):
+                self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s), msg.req_id)))
+            else:
+                logger.error("scheduler dropped an unexpected message %s", type(msg).__name__)
+        except Exception as e:  # noqa: BLE001 - a malformed message must not take the scheduler down
+            logger.exception("scheduler dropped a %s: handling it failed", type(msg).__name__)
+            if isinstance(msg, FlushCacheReq):
+                self.to_tokenizer.send(encode(FlushCacheReqOutput(
+                    False, f"Cache not flushed: {type(e).__name__}: {e}", getattr(msg, "req_id", 0))))
 
     def emit(self, outputs: List[ReqOutput]) -> None:
         if not outputs:

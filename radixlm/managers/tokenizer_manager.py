@@ -3,8 +3,14 @@
 Owns the tokenizer, request validation (RequestBuilder), the ZeroMQ sockets to the scheduler
 process and from the detokenizer process, and one `ReqState` per in-flight request. HTTP handlers
 call `generate(obj)` and iterate; the receive loop fills each request's state from `BatchStrOut`s.
-It also starts and watches the two child processes: when the scheduler dies every waiting client
-gets an error (503) and the server shuts down instead of hanging.
+It also starts and watches the two child processes: when the scheduler dies, or the receive loop
+itself stops, every waiting client gets an error (503) and the server shuts down instead of hanging.
+A message that fails to decode, or one of an unexpected type, is logged and dropped, never fatal.
+Every wait on another process has a deadline: start-up (`launch`), control replies
+(`CONTROL_TIMEOUT_S`, matched by req_id), sends (`SEND_TIMEOUT_S`); a generation waits as long as
+the runtime is alive (the watchdog fails it when not). `unhealthy_reason()` is the cheap liveness
+check behind /health. Prometheus counters are kept monotonic here (`lifetime_counters`): a cache
+flush resets the scheduler's stats, so their values just before it are added to a base.
 """
 
 from __future__ import annotations
@@ -16,19 +22,24 @@ import os
 import shutil
 import signal
 import tempfile
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from radixlm.core import FinishReason
-from radixlm.managers.io_struct import (AbortReq, BatchStrOut, FlushCacheReq, FlushCacheReqOutput,
-                                        GetInternalStateReq, GetInternalStateReqOutput, SchedulerReady,
-                                        TokenizedGenerateReqInput, decode, encode)
+from radixlm.managers.io_struct import (CUMULATIVE_STATS, AbortReq, BatchStrOut, FlushCacheReq,
+                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
+                                        SchedulerReady, TokenizedGenerateReqInput, decode_or_drop, encode)
 from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.scheduler_process import IPCNames
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT_S = 30.0  # a control request (flush, state) not answered by then: 503
+SEND_TIMEOUT_S = 10.0  # a message the scheduler's socket does not take by then: 503
+EXIT_DELAY_S = 1.0  # after a fatal runtime failure: time to answer the pending 503s, then exit
 
 
 class ServiceUnavailable(RuntimeError):
@@ -94,8 +105,13 @@ class TokenizerManager:
                                       args.grammar_backend)
         self.served_model_name = args.served_model_name or args.model_path
         self.states: Dict[str, ReqState] = {}
-        self.control_waiters: Dict[type, List[asyncio.Future]] = {}
+        self.control_waiters: Dict[int, asyncio.Future] = {}  # req_id -> reply
+        self._control_ids = itertools.count(1)
         self.dead_reason: Optional[str] = None
+        self._tasks: List[asyncio.Task] = []
+        self.on_fatal: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)  # the server exits
+        self.counter_base: Dict[str, int] = {k: 0 for k in CUMULATIVE_STATS}  # counts before the last flushes
+        self.num_dropped_messages = 0
         self.server_info: Dict[str, Any] = {}
         self.procs: List[mp.Process] = []
         self._ipc_dir = tempfile.mkdtemp(prefix="radixlm-ipc-")
@@ -134,7 +150,7 @@ class TokenizerManager:
                 self.shutdown()
                 raise RuntimeError(f"the scheduler process exited during start-up (code {self.sched_proc.exitcode})")
             if poller.poll(200):
-                msg = decode(recv.recv())
+                msg = decode_or_drop(recv.recv(), "tokenizer manager (start-up)", logger)
                 if isinstance(msg, SchedulerReady):
                     ready = msg
         if not ready.ok:
@@ -168,61 +184,119 @@ class TokenizerManager:
         self.procs = []
 
     async def _watch_children(self) -> None:
-        while True:
+        while self.dead_reason is None:
             await asyncio.sleep(0.5)
-            for p in self.procs:
-                if not p.is_alive():
-                    self._on_dead(f"{p.name} exited with code {p.exitcode}")
-                    return
+            reason = self._failure()
+            if reason is not None:
+                self._on_dead(reason)
+
+    def _failure(self) -> Optional[str]:
+        for p in self.procs:
+            if not p.is_alive():
+                return f"{p.name} exited with code {p.exitcode}"
+        if self._tasks and self._tasks[0].done():
+            return "the tokenizer manager's receive loop stopped"
+        return None
+
+    def unhealthy_reason(self) -> Optional[str]:
+        """None when the runtime can serve: child processes alive and the receive loop running.
+        Cheap (no message to the scheduler): this is /health."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        if not self._tasks:
+            return "the tokenizer manager is not connected yet"
+        return self._failure()
 
     def _on_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
         logger.error("runtime failure: %s; failing in-flight requests and shutting down", reason)
         self.dead_reason = reason
         for st in self.states.values():
             st.error = ServiceUnavailable(f"the runtime is unavailable: {reason}")
             st.event.set()
-        for waiters in self.control_waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(ServiceUnavailable(reason))
-        loop = asyncio.get_running_loop()
-        loop.call_later(1.0, os.kill, os.getpid(), signal.SIGTERM)  # answer the pending 503s, then exit
+        for fut in self.control_waiters.values():
+            if not fut.done():
+                fut.set_exception(ServiceUnavailable(f"the runtime is unavailable: {reason}"))
+        asyncio.get_running_loop().call_later(EXIT_DELAY_S, self.on_fatal)  # answer the pending 503s, then exit
 
     # ------------------------------------------------------------------ receive
     async def _recv_loop(self) -> None:
-        while True:
-            msg = decode(await self.recv_sock.recv())
-            if isinstance(msg, BatchStrOut):
-                for item in msg.items:
-                    st = self.states.get(item.rid)
-                    if st is None:
-                        continue
-                    out = item.output
-                    st.text += item.text_delta
-                    st.output_ids.extend(out.new_token_ids)
-                    st.cached_tokens = out.cached_tokens
-                    st.num_retractions = out.num_retractions
-                    if out.input_token_logprobs is not None:
-                        st.input_logprobs, st.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
-                    if out.new_logprobs:
-                        st.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
-                        st.top_logprobs.extend(out.new_top_logprobs or [])
-                    if out.finished_reason is not None:
-                        st.finished_reason = out.finished_reason
-                    st.event.set()
-            elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
-                waiters = self.control_waiters.get(type(msg), [])
-                if waiters:
-                    fut = waiters.pop(0)
-                    if not fut.done():
-                        fut.set_result(msg)
+        """Fills request states from the detokenizer's outputs and answers control waiters. A bad
+        message is logged and dropped; if the loop itself fails, the runtime is declared dead."""
+        try:
+            while True:
+                data = await self.recv_sock.recv()
+                msg = decode_or_drop(data, "tokenizer manager", logger)
+                if msg is None:
+                    self.num_dropped_messages += 1
+                    continue
+                try:
+                    self._dispatch(msg)
+                except Exception:  # noqa: BLE001 - a malformed message must not stop the loop
+                    self.num_dropped_messages += 1
+                    logger.exception("tokenizer manager dropped a %s: handling it failed", type(msg).__name__)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - without this loop every request would hang
+            self._on_dead(f"the tokenizer manager's receive loop failed: {type(e).__name__}: {e}")
 
-    async def _control(self, req, reply_type: type, timeout: float = 30.0):
+    def _dispatch(self, msg) -> None:
+        if isinstance(msg, BatchStrOut):
+            for item in msg.items:
+                st = self.states.get(item.rid)
+                if st is None:
+                    continue
+                out = item.output
+                st.text += item.text_delta
+                st.output_ids.extend(out.new_token_ids)
+                st.cached_tokens = out.cached_tokens
+                st.num_retractions = out.num_retractions
+                if out.input_token_logprobs is not None:
+                    st.input_logprobs, st.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
+                if out.new_logprobs:
+                    st.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
+                    st.top_logprobs.extend(out.new_top_logprobs or [])
+                if out.finished_reason is not None:
+                    st.finished_reason = out.finished_reason
+                st.event.set()
+        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
+            # both adjust in arrival order (= the scheduler's order), so the totals are exact
+            if isinstance(msg, FlushCacheReqOutput) and msg.success:
+                for k in CUMULATIVE_STATS:
+                    self.counter_base[k] += int(msg.counters_before.get(k, 0))
+            if isinstance(msg, GetInternalStateReqOutput):
+                msg.state["lifetime_counters"] = {k: self.counter_base[k] + msg.state.get(k, 0)
+                                                  for k in CUMULATIVE_STATS}
+            fut = self.control_waiters.pop(msg.req_id, None)
+            if fut is None:
+                logger.warning("tokenizer manager dropped a late %s (req_id %s)", type(msg).__name__, msg.req_id)
+            elif not fut.done():
+                fut.set_result(msg)
+        else:
+            self.num_dropped_messages += 1
+            logger.error("tokenizer manager dropped an unexpected message %s", type(msg).__name__)
+
+    async def _control(self, req, timeout: float = CONTROL_TIMEOUT_S):
         self._check_alive()
+        req.req_id = next(self._control_ids)
         fut = asyncio.get_running_loop().create_future()
-        self.control_waiters.setdefault(reply_type, []).append(fut)
-        await self.send_sock.send(encode(req))
-        return await asyncio.wait_for(fut, timeout)
+        self.control_waiters[req.req_id] = fut
+        try:
+            await self._send(req)
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"the scheduler did not answer {type(req).__name__} within {timeout:g} s") \
+                from None
+        finally:
+            self.control_waiters.pop(req.req_id, None)
+
+    async def _send(self, msg) -> None:
+        """Sends to the scheduler, with a deadline (the socket blocks when the scheduler stops reading)."""
+        try:
+            await asyncio.wait_for(self.send_sock.send(encode(msg)), SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"the scheduler did not take a message within {SEND_TIMEOUT_S:g} s") from None
 
     def _check_alive(self) -> None:
         if self.dead_reason is not None:
@@ -230,14 +304,14 @@ class TokenizerManager:
 
     # ------------------------------------------------------------------ API
     async def flush_cache(self) -> FlushCacheReqOutput:
-        return await self._control(FlushCacheReq(), FlushCacheReqOutput)
+        return await self._control(FlushCacheReq())
 
     async def get_internal_state(self) -> Dict[str, Any]:
-        return (await self._control(GetInternalStateReq(), GetInternalStateReqOutput)).state
+        return (await self._control(GetInternalStateReq())).state
 
     async def abort(self, rid: str = "", abort_all: bool = False) -> None:
         if self.dead_reason is None:
-            await self.send_sock.send(encode(AbortReq(rid, abort_all)))
+            await self._send(AbortReq(rid, abort_all))
 
     def build(self, obj: Dict[str, Any]) -> tuple:
         """Validates a native GenerateReqInput dict; returns (messages, batched)."""
@@ -270,7 +344,7 @@ class TokenizerManager:
             self.states[st.msg.rid] = st
         self.num_requests_total += len(msgs)
         for m in msgs:
-            await self.send_sock.send(encode(m))
+            await self._send(m)
         return states
 
     async def wait_all(self, states: List[ReqState]) -> None:
