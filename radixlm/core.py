@@ -92,8 +92,13 @@ class SamplingParams:
             num(name)
         for name in ("top_k", "min_new_tokens", "n"):
             num(name, integer=True)
+        for name in ("top_k", "min_new_tokens", "n"):
+            if not (-(2**63) <= getattr(self, name) < 2**63):
+                raise ValueError(f"{name} must be a 64-bit integer")
         if self.max_new_tokens is not None:
             num("max_new_tokens", integer=True)
+            if self.max_new_tokens >= 2**63:
+                raise ValueError("max_new_tokens must be a 64-bit integer")
             if self.max_new_tokens < 0:
                 raise ValueError("max_new_tokens must be at least 0")
         if not math.isfinite(self.temperature) or self.temperature < 0:

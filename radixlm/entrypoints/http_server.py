@@ -162,7 +162,7 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         obj = await _json_body(request)
-        msgs, batched = tm.build(obj)
+        msgs, batched = await asyncio.to_thread(tm.build, obj)  # tokenizing, grammar check: off the loop
         text_lp = bool(obj.get("return_text_in_logprobs"))
         states = await tm.submit(msgs)
         if args.log_requests:

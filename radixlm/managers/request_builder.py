@@ -2,49 +2,129 @@
 `TokenizedGenerateReqInput`s. Shared by the offline Engine and the HTTP server's tokenizer manager,
 so both accept and reject exactly the same inputs. Every rejection is a ValueError naming the field,
 raised before anything reaches the scheduler.
+
+Owns the request limits (`RequestLimits`, from the server's --max-* flags): prompts per batch, `n`,
+`top_logprobs_num`, count and length of stop strings, size of a regex / EBNF / JSON schema and the
+time its syntax check may take. Cheap checks come first: a batch's size, a text's length against the
+context (before tokenizing it), lone UTF-16 surrogates (which no tokenizer can encode), then the
+tokens, then the grammar. `build` may block (tokenizing, the grammar check): servers call it off
+their event loop.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import uuid
+from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from radixlm.constrained import check_grammar_syntax, grammar_key
 from radixlm.core import SamplingParams
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
 
+_GRAMMAR_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request bounds; the defaults are ServerArgs' (see the --max-* flags)."""
+
+    max_n: int = 128
+    max_batch_prompts: int = 1024
+    max_top_logprobs_num: int = 20
+    max_stop_strings: int = 64
+    max_stop_string_len: int = 1024
+    max_grammar_bytes: int = 128 * 1024
+    grammar_compile_timeout: float = 30.0
+
+    @classmethod
+    def from_server_args(cls, args) -> "RequestLimits":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def check_text(s: str, field: str) -> None:
+    """A string every tokenizer and the JSON encoder can take: no lone UTF-16 surrogate."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: the text holds a lone UTF-16 surrogate ({s[e.start]!r} at character "
+                         f"{e.start}); send valid Unicode") from None
+
+
+def check_strings(obj: Any, field: str) -> None:
+    """check_text over every string (dict keys too) of a JSON-like value."""
+    if isinstance(obj, str):
+        check_text(obj, field)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(k, str):
+                check_text(k, field)
+            check_strings(v, f"{field}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            check_strings(v, field)
+
 
 class RequestBuilder:
-    def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar"):
+    def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar",
+                 limits: Optional[RequestLimits] = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.grammar_backend = grammar_backend
+        self.limits = limits or RequestLimits()
+        self._max_token_chars: Optional[int] = None
+        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-check")
 
+    @classmethod
+    def from_server_args(cls, args, tokenizer, vocab_size: int, context_len: int) -> "RequestBuilder":
+        return cls(tokenizer, vocab_size, context_len, args.grammar_backend, RequestLimits.from_server_args(args))
+
+    # ------------------------------------------------------------------ text
+    @property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: a text of C characters is at least
+        C / max_token_chars tokens (byte-level BPE and SentencePiece entries are at least as long as
+        the text they stand for)."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=0) or 64
+        return self._max_token_chars
+
+    def encode(self, text: str, field: str = "text", add_special_tokens: bool = True) -> List[int]:
+        """Tokenizes one prompt after the cheap checks: valid Unicode, and not so many characters that
+        it cannot fit into the context whatever its tokens."""
+        if self.tokenizer is None:
+            raise ValueError(f"{field}: this engine has no tokenizer (skip_tokenizer_init); pass input_ids")
+        check_text(text, field)
+        if len(text) > self.context_len * self.max_token_chars:
+            raise ValueError(f"{field}: the input ({len(text)} characters) is longer than the model's context "
+                             f"length ({self.context_len} tokens) allows")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    # ------------------------------------------------------------------ build
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
               top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False
               ) -> Tuple[List[TokenizedGenerateReqInput], bool]:
         """Returns (messages, batched). A prompt with n samples gives n consecutive messages."""
+        lim = self.limits
         if (text is None) == (input_ids is None):
             raise ValueError("Either text or input_ids should be provided (exactly one of them).")
+        field = "text" if text is not None else "input_ids"
+        prompts = text if text is not None else input_ids
         if text is not None:
             batched = isinstance(text, list)
-            texts = text if batched else [text]
-            if batched and not texts:
-                raise ValueError("text: the batch is empty")
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("text must be a string or a list of strings")
-            if self.tokenizer is None:
-                raise ValueError("text: this engine has no tokenizer (skip_tokenizer_init); pass input_ids")
-            ids_list = [self.tokenizer.encode(t) for t in texts]
         else:
             if not isinstance(input_ids, list):
                 raise ValueError("input_ids must be a list of integers or a list of such lists")
             batched = len(input_ids) > 0 and isinstance(input_ids[0], list)
-            ids_list = input_ids if batched else [input_ids]
-            if batched and not ids_list:
-                raise ValueError("input_ids: the batch is empty")
-        n_prompts = len(ids_list)
+        if batched and not prompts:
+            raise ValueError(f"{field}: the batch is empty")
+        n_prompts = len(prompts) if batched else 1
+        if n_prompts > lim.max_batch_prompts:
+            raise ValueError(f"{field}: {n_prompts} prompts in one request; at most {lim.max_batch_prompts} "
+                             "(--max-batch-prompts)")
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n_prompts
         if len(sps) != n_prompts:
             raise ValueError(f"sampling_params: got {len(sps)} for {n_prompts} prompts")
@@ -53,11 +133,30 @@ class RequestBuilder:
             raise ValueError("return_logprob: per-prompt lists are not supported; pass one bool")
         if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
             raise ValueError("top_logprobs_num must be a non-negative integer")
+        if top_logprobs_num > lim.max_top_logprobs_num:
+            raise ValueError(f"top_logprobs_num: {top_logprobs_num} is more than the {lim.max_top_logprobs_num} "
+                             "allowed (--max-top-logprobs-num)")
         if isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1:
             raise ValueError("logprob_start_len must be an integer >= -1")
-        msgs: List[TokenizedGenerateReqInput] = []
-        for ids, sp_dict, r in zip(ids_list, sps, rids):
+        # sampling params first: they are cheap, and a bad one should not cost a tokenization
+        sp_objs = []
+        for sp_dict in sps:
+            check_strings(sp_dict, "sampling_params")
             sp = SamplingParams.from_dict(sp_dict)
+            sp.verify(self.vocab_size)
+            self.check_limits(sp)
+            sp_objs.append(sp)
+        if text is not None:
+            texts = text if batched else [text]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("text must be a string or a list of strings")
+            if self.tokenizer is None:
+                raise ValueError("text: this engine has no tokenizer (skip_tokenizer_init); pass input_ids")
+            ids_list = [self.encode(t, field) for t in texts]
+        else:
+            ids_list = input_ids if batched else [input_ids]
+        msgs: List[TokenizedGenerateReqInput] = []
+        for ids, sp, r in zip(ids_list, sp_objs, rids):
             ids = self.validate_ids(ids, sp)
             if return_logprob and logprob_start_len >= len(ids):
                 raise ValueError(f"logprob_start_len ({logprob_start_len}) is higher than the number of input "
@@ -78,37 +177,98 @@ class RequestBuilder:
         if isinstance(rid, list):
             if len(rid) != n or not all(isinstance(r, str) for r in rid):
                 raise ValueError(f"rid: a list of {n} strings is required for {n} prompts")
+            for r in rid:
+                check_text(r, "rid")
             return rid
         if not isinstance(rid, str):
             raise ValueError("rid must be a string or a list of strings")
+        check_text(rid, "rid")
         return [f"{rid}_{i}" for i in range(n)] if batched else [rid]
+
+    def check_limits(self, sp: SamplingParams) -> None:
+        """The server's bounds on n, stop strings and grammar size (no tokenizer, no grammar compile)."""
+        lim = self.limits
+        if isinstance(sp.n, int) and not isinstance(sp.n, bool) and sp.n > lim.max_n:
+            raise ValueError(f"n: {sp.n} samples per prompt; at most {lim.max_n} (--max-n)")
+        if isinstance(sp.stop, (list, tuple)) and len(sp.stop) > lim.max_stop_strings:
+            raise ValueError(f"stop: {len(sp.stop)} stop strings; at most {lim.max_stop_strings} (--max-stop-strings)")
+        if sp.stop is not None:
+            for s in [sp.stop] if isinstance(sp.stop, str) else sp.stop if isinstance(sp.stop, (list, tuple)) else []:
+                if isinstance(s, str) and len(s) > lim.max_stop_string_len:
+                    raise ValueError(f"stop: a stop string of {len(s)} characters; at most "
+                                     f"{lim.max_stop_string_len} (--max-stop-string-len)")
+        if sp.stop_token_ids is not None and isinstance(sp.stop_token_ids, (list, tuple)) \
+                and len(sp.stop_token_ids) > self.vocab_size:
+            raise ValueError(f"stop_token_ids: {len(sp.stop_token_ids)} ids; at most the vocabulary size "
+                             f"({self.vocab_size})")
+        for name in ("regex", "json_schema", "ebnf"):
+            v = getattr(sp, name)
+            if v is None:
+                continue
+            size = len(v.encode("utf-8")) if isinstance(v, str) else grammar_size(v)
+            if size > lim.max_grammar_bytes:
+                raise ValueError(f"{name}: {size} bytes; at most {lim.max_grammar_bytes} (--max-grammar-bytes)")
 
     def validate_ids(self, ids: Any, sp: SamplingParams) -> List[int]:
         vocab, ctx = self.vocab_size, self.context_len
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError("input_ids must be a list of integers (or a list of such lists)")
+        if len(ids) >= ctx:  # before looking at each token: a huge list is refused at once
+            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({ctx} tokens).")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError("input_ids must be a list of integers (or a list of such lists)")
         if len(ids) == 0:
             raise ValueError("The input is empty: give a non-empty prompt (text or input_ids).")
         bad: Optional[int] = next((t for t in ids if not (0 <= t < vocab)), None)
         if bad is not None:
             raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= ctx:
-            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({ctx} tokens).")
         sp.verify(vocab)
-        key = grammar_key(sp)
-        if key is not None:
-            if self.grammar_backend == "none":
-                raise ValueError(f"{key[0] if key[0] != 'json' else 'json_schema'}: constrained decoding is "
-                                 "disabled (--grammar-backend none)")
-            if self.tokenizer is None:
-                raise ValueError("constrained decoding needs a tokenizer (skip_tokenizer_init is set)")
-            check_grammar_syntax(key)
+        self.check_limits(sp)
         if sp.max_new_tokens is None:
             sp.max_new_tokens = ctx - len(ids)
+            if sp.min_new_tokens > sp.max_new_tokens:
+                raise ValueError(f"min_new_tokens ({sp.min_new_tokens}) is more than the context leaves for the "
+                                 f"completion ({sp.max_new_tokens} tokens)")
         elif len(ids) + sp.max_new_tokens > ctx:
             raise ValueError(
                 f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
                 f"total of {len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input and "
                 f"{sp.max_new_tokens} tokens for the completion (max_new_tokens). Please reduce the number of "
                 "tokens in the input or the completion.")
+        key = grammar_key(sp)
+        if key is not None:
+            if self.grammar_backend == "none":
+                raise ValueError(f"{_GRAMMAR_FIELD[key[0]]}: constrained decoding is disabled "
+                                 "(--grammar-backend none)")
+            if self.tokenizer is None:
+                raise ValueError("constrained decoding needs a tokenizer (skip_tokenizer_init is set)")
+            self.check_grammar(key)
         return list(ids)
+
+    def check_grammar(self, key) -> None:
+        """check_grammar_syntax on a worker, bounded by the compile timeout (a pathological grammar
+        fails its request instead of holding the caller)."""
+        field = _GRAMMAR_FIELD[key[0]]
+        if isinstance(key[1], str) and len(key[1].encode("utf-8", "replace")) > self.limits.max_grammar_bytes:
+            raise ValueError(f"{field}: {len(key[1].encode('utf-8', 'replace'))} bytes; at most "
+                             f"{self.limits.max_grammar_bytes} (--max-grammar-bytes)")
+        fut = self._grammar_pool.submit(check_grammar_syntax, key)
+        try:
+            fut.result(timeout=self.limits.grammar_compile_timeout)
+        except concurrent.futures.TimeoutError:
+            # the stuck check keeps its thread; later checks get fresh ones
+            self._grammar_pool.shutdown(wait=False)
+            self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                                       thread_name_prefix="grammar-check")
+            raise ValueError(f"{field}: checking the grammar took longer than {self.limits.grammar_compile_timeout:g} "
+                             "s (--grammar-compile-timeout)") from None
+
+
+def grammar_size(obj: Any) -> int:
+    """Bytes of a JSON schema given as an object (its compact JSON text)."""
+    import json
+
+    try:
+        return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace"))
+    except (TypeError, ValueError):
+        return 0

@@ -101,8 +101,8 @@ class TokenizerManager:
         self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                              args.trust_remote_code)
-        self.builder = RequestBuilder(self.tokenizer, self.model_config.vocab_size, self.model_config.context_len,
-                                      args.grammar_backend)
+        self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
+                                                       self.model_config.context_len)
         self.served_model_name = args.served_model_name or args.model_path
         self.states: Dict[str, ReqState] = {}
         self.control_waiters: Dict[int, asyncio.Future] = {}  # req_id -> reply

@@ -1,6 +1,10 @@
 """Shared machinery of the OpenAI-compatible routes: request -> sampling params, waiting with
 abort-on-disconnect, the SSE loop over cumulative request states, usage and finish reasons.
 
+Also the request limits in OpenAI's field names (`check_limits`, `check_unicode`) and OpenAI's
+finish reasons: "stop" / "length" only; an aborted request is an error (400 JSON, or an error event
+that ends the stream), never finish_reason "abort".
+
 Both serving modules hand this module a list of `ReqState`s (one per choice, prompt-major, as the
 RequestBuilder orders them) and callbacks that shape their own JSON.
 """
@@ -17,6 +21,7 @@ from fastapi.responses import Response
 
 from radixlm.entrypoints.http_server import error_json, sse
 from radixlm.entrypoints.openai.protocol import SamplingFields
+from radixlm.managers.request_builder import check_text, grammar_size
 from radixlm.managers.tokenizer_manager import ReqState, ServiceUnavailable, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5
@@ -58,6 +63,52 @@ def constraint(req: SamplingFields) -> Dict[str, Any]:
                      "response_format")
 
 
+def check_limits(req: SamplingFields, limits, top_field: str, top: Optional[int]) -> None:
+    """The server's request limits (RequestLimits, from the --max-* flags) in OpenAI's field names,
+    checked before anything is tokenized or compiled."""
+    n = req.n or 1
+    if n > limits.max_n:
+        raise BadRequest(f"n: {n} choices per prompt; at most {limits.max_n} (--max-n)", "n")
+    if top is not None and top > limits.max_top_logprobs_num:
+        raise BadRequest(f"{top_field}: {top} is more than the {limits.max_top_logprobs_num} allowed "
+                         "(--max-top-logprobs-num)", top_field)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > limits.max_stop_strings:
+        raise BadRequest(f"stop: {len(stops)} stop strings; at most {limits.max_stop_strings} (--max-stop-strings)",
+                         "stop")
+    long = next((s for s in stops if len(s) > limits.max_stop_string_len), None)
+    if long is not None:
+        raise BadRequest(f"stop: a stop string of {len(long)} characters; at most {limits.max_stop_string_len} "
+                         "(--max-stop-string-len)", "stop")
+    grammars = {k: getattr(req, k) for k in ("regex", "json_schema", "ebnf")}
+    if req.response_format is not None and req.response_format.type == "json_schema":
+        grammars["response_format"] = req.response_format.model_dump()
+    for name, v in grammars.items():
+        if v is None:
+            continue
+        size = len(v.encode("utf-8", "replace")) if isinstance(v, str) else grammar_size(v)
+        if size > limits.max_grammar_bytes:
+            raise BadRequest(f"{name}: {size} bytes; at most {limits.max_grammar_bytes} (--max-grammar-bytes)", name)
+
+
+def check_unicode(body: Any, path: str = "") -> None:
+    """Every string of the request is valid Unicode (a lone UTF-16 surrogate, legal in JSON's \\u
+    escapes, can be neither tokenized nor sent back): else a 400 naming the field."""
+    if isinstance(body, str):
+        try:
+            check_text(body, path or "body")
+        except ValueError as e:
+            raise BadRequest(str(e), path or None) from None
+    elif isinstance(body, dict):
+        for k, v in body.items():
+            if isinstance(k, str):
+                check_unicode(k, path or "body")
+            check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(body, (list, tuple)):
+        for i, v in enumerate(body):
+            check_unicode(v, f"{path}.{i}" if path else str(i))
+
+
 def sampling_params(req: SamplingFields, max_new_tokens: Optional[int], vocab_size: int) -> Dict[str, Any]:
     bad = next((t for t in req.stop_token_ids or [] if not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -75,8 +126,28 @@ def sampling_params(req: SamplingFields, max_new_tokens: Optional[int], vocab_si
     return {k: v for k, v in sp.items() if v is not None}
 
 
+OPENAI_FINISH_REASONS = ("stop", "length")  # (+ "tool_calls", set by the chat route)
+
+
 def finish_reason(st: ReqState) -> Optional[str]:
-    return st.finished_reason.type if st.finished_reason is not None else None
+    """OpenAI's value: "stop" or "length". An aborted request never gets here: it is reported as an
+    error (abort_error, or an error event in a stream)."""
+    fr = st.finished_reason
+    if fr is None:
+        return None
+    if fr.type not in OPENAI_FINISH_REASONS:
+        raise AssertionError(f"finish reason {fr.type!r} reached the OpenAI layer")
+    return fr.type
+
+
+def is_aborted(st: ReqState) -> bool:
+    return st.finished_reason is not None and st.finished_reason.type not in OPENAI_FINISH_REASONS
+
+
+def error_event(message: str, status: int, err_type: str) -> Dict[str, Any]:
+    """An SSE error chunk in OpenAI's error shape."""
+    return {"object": "error", "message": message, "type": err_type, "param": None, "code": status,
+            "error": {"message": message, "type": err_type, "param": None, "code": status}}
 
 
 def matched_stop(st: ReqState) -> Any:
@@ -105,9 +176,8 @@ def usage(states: List[ReqState]) -> Dict[str, Any]:
 
 def abort_error(states: List[ReqState]) -> Optional[Response]:
     for st in states:
-        fr = st.finished_reason
-        if fr is not None and fr.type == "abort":
-            return error_json(fr.message or "The request was aborted", 400)
+        if is_aborted(st):
+            return error_json(st.finished_reason.message or "The request was aborted", 400)
     return None
 
 
@@ -148,6 +218,11 @@ async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk
         for chunk in head:
             yield sse(chunk)
         async for i, st in tm.stream(states):
+            if is_aborted(st):  # OpenAI has no "abort" finish_reason: an error event ends the stream
+                yield sse(error_event(st.finished_reason.message or "The request was aborted", 400,
+                                      "BadRequestError"))
+                include_usage = False
+                break
             text = st.text
             delta = text[sent_text[i]:] if len(text) > sent_text[i] else ""
             sent_text[i] = max(sent_text[i], len(text))
@@ -161,8 +236,7 @@ async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk
         if include_usage:
             yield sse(usage_chunk(usage(states)))
     except ServiceUnavailable as e:
-        yield sse({"object": "error", "message": str(e), "type": "ServiceUnavailableError", "param": None,
-                   "code": 503, "error": {"message": str(e), "type": "ServiceUnavailableError", "code": 503}})
+        yield sse(error_event(str(e), 503, "ServiceUnavailableError"))
     finally:
         await tm.release(states)
     yield b"data: [DONE]\n\n"

@@ -38,7 +38,7 @@ class SamplingFields(_Model):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = None
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    n: Optional[int] = Field(None, ge=1, le=128)
+    n: Optional[int] = Field(None, ge=1)  # at most --max-n (common.check_limits)
     seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # int64, as OpenAI
     stop: Optional[Union[str, List[str]]] = None
     stop_token_ids: Optional[List[int]] = None

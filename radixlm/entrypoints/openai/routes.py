@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from radixlm.entrypoints.http_server import error_json
+from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixlm.entrypoints.openai.serving_chat import create_chat_completion
 from radixlm.entrypoints.openai.serving_completions import create_completion
@@ -39,6 +40,7 @@ def register_openai_routes(app: FastAPI, tm) -> None:
     async def answer(create, request: Request, body):
         """A bad field found while serving (ValueError naming it) becomes OpenAI's 400."""
         try:
+            common.check_unicode(body.model_dump())
             return await create(request, tm, body)
         except ValueError as e:
             return error_json(str(e), 400, param=getattr(e, "param", None))

@@ -17,6 +17,7 @@ Assistant messages' tool_calls whose arguments are a JSON string reach the templ
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,10 +90,12 @@ def render_prompt(tm: TokenizerManager, req: ChatCompletionRequest) -> List[int]
         raise
     except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception in the template
         raise BadRequest(f"messages: the chat template could not render them: {e}", "messages") from None
-    return tok.encode(text, add_special_tokens=False)
+    return tm.builder.encode(text, "messages", add_special_tokens=False)
 
 
 def _build(tm: TokenizerManager, req: ChatCompletionRequest) -> Tuple[list, Optional[ToolSetup]]:
+    """Validation, tools' grammar, template, tokens: blocking work, run off the event loop."""
+    common.check_limits(req, tm.builder.limits, "top_logprobs", req.top_logprobs if req.logprobs else None)
     setup = prepare_tools(req, tm.args, getattr(tm.tokenizer, "chat_template", None), bool(common.constraint(req)))
     if req.top_logprobs and not req.logprobs:
         raise BadRequest("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -114,7 +117,7 @@ def _finish(st: ReqState, has_calls: bool) -> Optional[str]:
 
 
 async def create_chat_completion(request: Request, tm: TokenizerManager, req: ChatCompletionRequest):
-    msgs, setup = _build(tm, req)
+    msgs, setup = await asyncio.to_thread(_build, tm, req)
     states = await tm.submit(msgs)
     rid, created = common.new_id("chatcmpl"), common.now()
     model = req.model or tm.served_model_name

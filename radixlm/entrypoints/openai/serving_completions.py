@@ -8,6 +8,7 @@ also prepends the prompt tokens' logprobs (logprob_start_len 0; the first token'
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Dict, List, Optional
 
 from fastapi import Request
@@ -32,6 +33,13 @@ def _split_prompt(prompt: Any) -> Dict[str, Any]:
 
 
 def _build(tm: TokenizerManager, req: CompletionRequest):
+    """Validation and tokens: blocking work, run off the event loop."""
+    common.check_limits(req, tm.builder.limits, "logprobs", req.logprobs)
+    n_prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and \
+        not isinstance(req.prompt[0], int) else 1
+    if n_prompts > tm.builder.limits.max_batch_prompts:
+        raise BadRequest(f"prompt: {n_prompts} prompts in one request; at most "
+                         f"{tm.builder.limits.max_batch_prompts} (--max-batch-prompts)", "prompt")
     if req.suffix:
         raise BadRequest("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
@@ -57,7 +65,7 @@ def _echo_texts(tm: TokenizerManager, req: CompletionRequest, states: List[ReqSt
 
 
 async def create_completion(request: Request, tm: TokenizerManager, req: CompletionRequest):
-    msgs = _build(tm, req)
+    msgs = await asyncio.to_thread(_build, tm, req)
     states = await tm.submit(msgs)
     rid, created = common.new_id("cmpl"), common.now()
     model = req.model or tm.served_model_name

@@ -9,7 +9,11 @@ tool_choice (OpenAI's semantics, SGLang/vLLM behaviour):
 Forced calls are written in the parser's own format (hermes: `<tool_call>\\n{"name": "f",
 "arguments": ARGS}\\n</tool_call>`, several joined by "\\n"; llama3: `{"name": "f", "parameters":
 ARGS}`, several joined by "; ") where ARGS follows xgrammar's grammar of the function's parameter
-schema (strict: no properties beyond those declared), with the server's JSON whitespace settings.
+schema (strict: no properties beyond those declared) as compact JSON: the separators are fixed
+(", ", ": ") and there is no free whitespace between tokens, whatever the server's JSON whitespace
+settings, so a weak model cannot spend its max_tokens on padding (they are jump-forwarded instead).
+The chosen tools' schemas are bounded by --max-grammar-bytes (400 naming tools) before any grammar
+is built.
 The grammar goes to the scheduler as an `ebnf` constraint, so the output always parses unless
 max_tokens or a stop string cuts it.
 
@@ -131,11 +135,14 @@ def prepare_tools(req: ChatCompletionRequest, server_args, chat_template: Any,
         raise BadRequest(f"tool_choice {json.dumps(req.tool_choice)} forces a tool call, which needs constrained "
                          "decoding; it is disabled (--grammar-backend none)", "tool_choice")
     chosen = [(n, s) for n, s in specs if named is None or n == named]
-    any_ws = not getattr(server_args, "constrained_json_disable_any_whitespace", False)
-    max_ws = getattr(server_args, "constrained_json_max_whitespace", None)
     key = json.dumps(chosen, sort_keys=True)
+    limit = getattr(server_args, "max_grammar_bytes", None)
+    size = len(key.encode("utf-8", "replace"))
+    if limit is not None and size > limit:
+        raise BadRequest(f"tools: the parameter schemas of the forced call(s) are {size} bytes; at most {limit} "
+                         "(--max-grammar-bytes)", "tools")
     try:
-        ebnf = forced_call_ebnf(fmt, key, parallel and named is None, any_ws, max_ws if any_ws else None)
+        ebnf = forced_call_ebnf(fmt, key, parallel and named is None, False, None)
     except _SchemaError as e:
         i = names.index(e.name)
         raise BadRequest(f"tools.{i}.function.parameters: the schema cannot be turned into a grammar: {e}",
