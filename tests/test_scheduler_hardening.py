@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from radixlm.core import Req, SamplingParams
-from radixlm.sched.scheduler import retracted_token_ratio
+from radixlm.sched.decode import retracted_token_ratio
 from tests.sched_harness import assert_idle_and_clean, drive, make_req, make_scheduler
 
 VOCAB = 515  # the tiny llama's vocabulary
@@ -110,14 +110,14 @@ def test_retraction_does_not_pin_the_ratio_at_one():
     sched = make_scheduler(700, chunked_prefill_size=None)
     reqs = [make_req(f"r{i}", 100, 200, seed=i) for i in range(6)]
     ratios = []
-    real = sched._retract_one
+    real = sched.decode._retract_one
 
     def spy(outputs):
         ok = real(outputs)
         ratios.append(sched.new_token_ratio)
         return ok
 
-    sched._retract_one = spy
+    sched.decode._retract_one = spy
     run = drive(sched, {0: reqs})
     assert sched.stats.num_retractions > 0
     assert min(ratios) < 1.0

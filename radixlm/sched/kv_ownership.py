@@ -38,6 +38,11 @@ class KVOwnership:
             held.append(self.row(req)[req.cache_protected_len:end])
         self.allocator.check_integrity(torch.cat(held))
 
+    def token_usage(self) -> float:
+        """Share of the pool neither free nor evictable (SGLang's `token usage`)."""
+        free = self.allocator.available_size() + self.tree_cache.evictable_size()
+        return 1.0 - free / self.allocator.size
+
     def alloc_with_evict(self, last_slots, prefix_lens, extend_lens) -> Optional[torch.Tensor]:
         loc = self.allocator.alloc_extend(last_slots, prefix_lens, extend_lens)
         if loc is None and not self.tree_cache.disable:

@@ -1,8 +1,9 @@
 """Overlap scheduling: the model computes decode step N+1 while the scheduler processes step N.
 
 Owns the forward worker (one thread that runs the model runner's steps in submission order), the
-record of the step in flight, and the scheduler's side of it (`OverlapMixin`: chaining a step,
-completing one). `Scheduler.step` with `enable_overlap` uses them like this (SGLang's overlap scheduler, `--disable-overlap-schedule` to turn it off):
+record of the step in flight, and `Overlap`: chaining the next decode step onto the one in flight,
+and waiting for a step and settling its zombies. `Scheduler.step` with `enable_overlap` uses them
+like this (SGLang's overlap scheduler, `--disable-overlap-schedule` to turn it off):
 
     launch N+1 (its input ids are step N's sampled ids, still on the device)
     wait for N, append its tokens, finish requests, send outputs   <- runs while N+1 computes
@@ -19,17 +20,16 @@ changes to the pools never race with a running forward.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import List, Optional, Set
 
 import torch
 
-from radixlm.core import ForwardMode, Req, ReqOutput, ScheduleBatch
+from radixlm.core import ForwardMode, Req, ScheduleBatch
 from radixlm.host_copy import to_device_int64
+from radixlm.sched.queues import ReqQueues
 
-logger = logging.getLogger(__name__)
 
 
 def overlap_safe(req: Req, context_len: int) -> bool:
@@ -90,18 +90,26 @@ class ForwardWorker:
         self._pool.shutdown(wait=True)
 
 
-class OverlapMixin:
-    """The scheduler's side of overlap scheduling (mixed into `Scheduler`): chaining the next
-    decode step onto the one in flight, and completing a step (zombies included)."""
+class Overlap:
+    """Chaining decode steps for the scheduler; handed the queues, KV ownership, the token ratio and
+    the stats it works on."""
 
-    def _chain_decode(self, cur: InFlight) -> Optional[InFlight]:
+    def __init__(self, runner, q: ReqQueues, kv, ratio, stats, context_len: int):
+        self.worker = ForwardWorker(runner)
+        self.q, self.kv, self.ratio, self.stats, self.context_len = q, kv, ratio, stats, context_len
+
+    def launch(self, batch: ScheduleBatch) -> InFlight:
+        return InFlight(batch, self.worker.submit(batch))
+
+    def chain(self, cur: InFlight) -> Optional[InFlight]:
         """Launches the decode step after `cur` before `cur`'s tokens reach the host, or returns None
         when the next step needs them (prefill work waiting, a request that is not overlap-safe, no
         free slots). Requests that `cur` certainly ends (by length) are left out."""
-        if not cur.batch.forward_mode.is_decode or self.waiting or self.chunked_req is not None:
+        q = self.q
+        if not cur.batch.forward_mode.is_decode or q.waiting or q.chunked_req is not None:
             return None
         going = [r for r in cur.batch.reqs if not cur.is_zombie(r)]
-        if len(going) != len(self.running):
+        if len(going) != len(q.running):
             return None
         reqs, rows = [], []
         for i, req in enumerate(cur.batch.reqs):
@@ -121,33 +129,24 @@ class OverlapMixin:
         self.kv.write_slots(reqs, lens, loc)
         for req in reqs:
             req.prefix_len, req.extend_len = req.kv_len + 1, 1
-        self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
+        self.ratio.decay()
         batch = ScheduleBatch(reqs, ForwardMode.DECODE, [], loc, lens, [1] * len(reqs), [True] * len(reqs))
         self.stats.num_overlapped_batches += 1
-        return InFlight(batch, self._worker.submit(batch, after=cur, rows=rows))
+        return InFlight(batch, self.worker.submit(batch, after=cur, rows=rows))
 
     def _ends_by_length_next(self, req: Req) -> bool:
         return len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= self.context_len
 
-    def _complete(self, cur: InFlight, successor: Optional[InFlight]) -> List[ReqOutput]:
-        """Waits for the step `cur` and processes its results; requests that finish now but are in
-        `successor` already become its zombies."""
-        batch = cur.batch
-        try:
-            result = cur.future.result().resolve()
-        except Exception as e:  # noqa: BLE001 - fail this batch (and the one that consumed its ids)
-            logger.exception("forward failed for a batch of %d requests", batch.batch_size)
-            msg = f"internal error: {type(e).__name__}: {e}"
-            if successor is None:
-                return self._fail_batch(msg, batch)
-            self._inflight = None
-            successor.future.exception()  # it fails too (it needed cur's ids); wait until it is done
-            return self._fail_batch(msg, batch, successor.batch)
-        for req in batch.reqs:
-            if cur.is_zombie(req):  # its last token's KV is computed now: hand everything over
+    def wait(self, cur: InFlight):
+        """The step's result (raises what the step raised); its zombies, whose last token's KV is
+        computed now, hand everything over to the cache."""
+        result = cur.future.result().resolve()
+        for req in cur.batch.reqs:
+            if cur.is_zombie(req):
                 self.stats.num_overlap_zombies += 1
                 req.kv_len += 1
                 self.kv.cache_finished(req)
-        live = [(i, r) for i, r in enumerate(batch.reqs) if not cur.is_zombie(r)]
-        outputs = self._process_decode(batch, result, live, successor)
-        return outputs
+        return result
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
