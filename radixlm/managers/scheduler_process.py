@@ -193,7 +193,7 @@ class SchedulerLoop:
                 ok = s.flush_cache()
                 self.to_tokenizer.send(encode(FlushCacheReqOutput(
                     ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.",
-                    msg.req_id, {k: before[k] for k in CUMULATIVE_STATS} if ok else {})))
+                    msg.req_id, {k: before.get(k, 0) for k in CUMULATIVE_STATS} if ok else {})))
             elif isinstance(msg, GetInternalStateReq):
                 self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s), msg.req_id)))
             else:
