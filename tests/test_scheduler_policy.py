@@ -288,3 +288,18 @@ def test_identical_prompt_already_cached_is_not_deferred():
     a = adder()
     a.commit(base, 1, 0.0)  # the other copy computes only its last token
     assert not a.shares_new_prefix(req(base), len(base) - 1)
+
+
+def test_admission_reuses_the_orderings_match():
+    """lpm matches each waiting request once per step: admission takes the ordering's match."""
+    from tests.sched_harness import make_req, make_scheduler
+
+    sched = make_scheduler(4000, schedule_policy="lpm", max_running=4)
+    for i in range(6):
+        sched.add_request(make_req(f"r{i}", 40 + i, 4, seed=i))
+    calls = []
+    real = sched.tree_cache.match_prefix
+    sched.tree_cache.match_prefix = lambda key: calls.append(len(key)) or real(key)
+    sched.step()
+    assert len(calls) == 6  # one per waiting request, none again at admission
+    assert len(sched.running) == 4

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -70,17 +70,19 @@ class PrefillBuilder:
             adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.ratio.value))
             admitted.append(req)
             chunk_open = take < left
-        for req in order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng):
+        matches: Dict[int, object] = {}  # the ordering's matches, valid for this step (nothing inserts)
+        for req in order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng, matches):
             if chunk_open or len(q.running) + len(admitted) >= self.cfg.max_running_requests:
                 break
             if self.req_to_token_pool.available_size() == 0:
                 break
             if req.grammar_future is not None:  # still compiling: does not hold up the others
                 continue
-            key = req.fill_ids[:-1]
+            match = matches.get(id(req))
             if req.wants_input_logprobs:  # prompt logprobs need the logits, so recompute from there
-                key = key[:max(req.logprob_start_len - 1, 0)]
-            match = self.tree_cache.match_prefix(key)
+                match = self.tree_cache.match_prefix(req.fill_ids[:max(req.logprob_start_len - 1, 0)])
+            elif match is None:
+                match = self.tree_cache.match_prefix(req.fill_ids[:-1])
             prefix_len = len(match.indices)
             if adder.shares_new_prefix(req, prefix_len):
                 continue

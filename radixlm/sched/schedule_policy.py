@@ -25,8 +25,11 @@ def validate_policy(name: str) -> str:
     return name
 
 
-def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random) -> List[Req]:
-    """Returns the waiting queue in the order admission should consider it."""
+def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random,
+                  matches: Optional[Dict[int, object]] = None) -> List[Req]:
+    """Returns the waiting queue in the order admission should consider it. Cache-aware policies
+    match each request's `fill_ids[:-1]` against the tree; given a dict, `matches` receives those
+    matches (id(req) -> match) so that admission in the same step need not match again."""
     cache_aware = policy in ("lpm", "dfs-weight") and not tree_cache.disable
     if cache_aware and policy == "lpm" and len(queue) > LPM_FALLBACK_QUEUE_LEN:
         cache_aware = False
@@ -38,7 +41,8 @@ def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random)
         if policy == "lof":
             return sorted(queue, key=lambda r: (-r.max_new_tokens, r.arrival_seq))
         return sorted(queue, key=lambda r: r.arrival_seq)
-    matches = {id(r): tree_cache.match_prefix(r.fill_ids[:-1]) for r in queue}
+    matches = {} if matches is None else matches
+    matches.update({id(r): tree_cache.match_prefix(r.fill_ids[:-1]) for r in queue})
     if policy == "lpm":
         return sorted(queue, key=lambda r: (-len(matches[id(r)].indices), r.arrival_seq))
     return _dfs_weight_order(queue, matches, tree_cache.root_node)
