@@ -3,7 +3,8 @@
 `create_grammar_backend(name, ...)` imports lazily (xgrammar is needed only when a constrained
 request arrives); `grammar_key(sp)` normalises a request's constraint into the cache key
 (type, text); `check_grammar_syntax(key)` validates it without a tokenizer, so bad input is
-rejected before scheduling.
+rejected before scheduling. `DaemonWorker` / `call_with_deadline` run compiles and checks on daemon
+threads, so one that never returns fails its request by a deadline and never blocks exit.
 """
 
 from __future__ import annotations
@@ -105,6 +106,66 @@ def check_grammar_syntax(key: GrammarKey) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg)  # drop xgrammar's "[time] file.cc:N:" prefix
         raise ValueError(f"Invalid {field}: {msg}") from None
+
+
+class DaemonWorker:
+    """One daemon thread running submitted calls in order (concurrent.futures style). Unlike a
+    ThreadPoolExecutor's, its thread never holds up interpreter exit, so a grammar compile or check
+    that never returns cannot keep the process alive. `shutdown(cancel_futures=True)` cancels the
+    calls still queued; the running one is left to finish or hang on its own."""
+
+    def __init__(self, name: str):
+        import queue
+        import threading
+
+        self._q: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._closed = False
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+
+        if self._closed:
+            raise RuntimeError("submit() after shutdown()")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put((fut, fn, args))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = False) -> None:
+        import queue
+
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._q.put(None)
+
+
+def call_with_deadline(fn, args: tuple, timeout: float, name: str):
+    """fn(*args) on a daemon thread of its own; raises concurrent.futures.TimeoutError after
+    `timeout` seconds (the thread is left behind: it cannot hold up exit)."""
+    worker = DaemonWorker(name)
+    fut = worker.submit(fn, *args)
+    worker.shutdown()
+    return fut.result(timeout)
 
 
 def create_grammar_backend(name: str, tokenizer, vocab_size: int, eos_token_ids, **opts):

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from radixlm.constrained import GrammarKey, normalize_json_schema
+from radixlm.constrained import DaemonWorker, GrammarKey, normalize_json_schema
 
 _FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
 DEFAULT_COMPILE_TIMEOUT = 30.0  # ServerArgs.grammar_compile_timeout
@@ -72,12 +72,13 @@ class XGrammarBackend:
         self.pool = self._new_pool()
         self._inflight: Dict[concurrent.futures.Future, concurrent.futures.Future] = {}  # ours -> the worker's
         # the expensive part (importing xgrammar, scanning the vocabulary) runs on a thread of its own
-        self._ready = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-init").submit(
-            self._init, tokenizer, vocab_size, list(eos_token_ids))
+        init = DaemonWorker("grammar-init")
+        self._ready = init.submit(self._init, tokenizer, vocab_size, list(eos_token_ids))
+        init.shutdown()
 
     @staticmethod
-    def _new_pool() -> concurrent.futures.ThreadPoolExecutor:
-        return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+    def _new_pool() -> DaemonWorker:
+        return DaemonWorker("grammar-compile")
 
     def _init(self, tokenizer, vocab_size: int, eos_token_ids: List[int]) -> None:
         import xgrammar as xgr

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
-from radixlm.constrained import check_grammar_syntax, grammar_key
+from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
 from radixlm.core import SamplingParams
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
 
@@ -75,7 +75,6 @@ class RequestBuilder:
         self.grammar_backend = grammar_backend
         self.limits = limits or RequestLimits()
         self._max_token_chars: Optional[int] = None
-        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-check")
 
     @classmethod
     def from_server_args(cls, args, tokenizer, vocab_size: int, context_len: int) -> "RequestBuilder":
@@ -252,14 +251,9 @@ class RequestBuilder:
         if isinstance(key[1], str) and len(key[1].encode("utf-8", "replace")) > self.limits.max_grammar_bytes:
             raise ValueError(f"{field}: {len(key[1].encode('utf-8', 'replace'))} bytes; at most "
                              f"{self.limits.max_grammar_bytes} (--max-grammar-bytes)")
-        fut = self._grammar_pool.submit(check_grammar_syntax, key)
         try:
-            fut.result(timeout=self.limits.grammar_compile_timeout)
-        except concurrent.futures.TimeoutError:
-            # the stuck check keeps its thread; later checks get fresh ones
-            self._grammar_pool.shutdown(wait=False)
-            self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
-                                                                       thread_name_prefix="grammar-check")
+            call_with_deadline(check_grammar_syntax, (key,), self.limits.grammar_compile_timeout, "grammar-check")
+        except concurrent.futures.TimeoutError:  # the stuck check keeps its (daemon) thread
             raise ValueError(f"{field}: checking the grammar took longer than {self.limits.grammar_compile_timeout:g} "
                              "s (--grammar-compile-timeout)") from None
 
