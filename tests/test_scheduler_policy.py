@@ -300,6 +300,6 @@ def test_admission_reuses_the_orderings_match():
     calls = []
     real = sched.tree_cache.match_prefix
     sched.tree_cache.match_prefix = lambda key: calls.append(len(key)) or real(key)
-    sched.step()
+    batch = sched.prefill.build([])
     assert len(calls) == 6  # one per waiting request, none again at admission
-    assert len(sched.running) == 4
+    assert batch.batch_size == 4
