@@ -9,7 +9,8 @@ Guards: the API key (`--api-key`) is compared in constant time and never echoed 
 redacts it); CORS headers only with `--cors-allow-origins`; every request body is capped at
 `--max-request-body-bytes` (413, from Content-Length or while a chunked body streams in, before any
 JSON parsing). `/health` is cheap (runtime alive: 200, else 503) and never queues a generation;
-`/health_generate` runs the one-token check. Prometheus counters never go backwards.
+`/health_generate` runs the one-token check. Prometheus counters never go backwards (the
+scheduler keeps its counters across a cache flush; tested).
 """
 
 from __future__ import annotations
@@ -283,13 +284,12 @@ def render_metrics(state: Dict[str, Any], tm: TokenizerManager) -> str:
         "radixlm:cache_hit_rate_total": state["cache_hit_rate"],
         "radixlm:max_total_num_tokens": state["max_total_num_tokens"],
     }
-    total = state["lifetime_counters"]  # the scheduler's counts plus those before each cache flush
-    counters = {
-        "sglang:prompt_tokens_total": total["prefill_new_tokens"] + total["prefill_cached_tokens"],
-        "sglang:cached_tokens_total": total["prefill_cached_tokens"],
-        "sglang:generation_tokens_total": total["generated_tokens"],
+    counters = {  # the scheduler's counters only grow (a cache flush keeps them)
+        "sglang:prompt_tokens_total": state["prefill_new_tokens"] + state["prefill_cached_tokens"],
+        "sglang:cached_tokens_total": state["prefill_cached_tokens"],
+        "sglang:generation_tokens_total": state["generated_tokens"],
         "sglang:num_requests_total": tm.num_requests_total,
-        "sglang:num_retractions_total": total["num_retractions"],
+        "sglang:num_retractions_total": state["num_retractions"],
     }
     lines = []
     for k, v in gauges.items():

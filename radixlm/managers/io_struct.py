@@ -37,13 +37,6 @@ class AbortReq:
     abort_all: bool = False
 
 
-# The scheduler's cumulative counters (keys of its internal state). A cache flush resets them in the
-# scheduler; FlushCacheReqOutput reports their values just before, so the server's Prometheus
-# counters can keep counting from there.
-CUMULATIVE_STATS = ("prefill_new_tokens", "prefill_cached_tokens", "generated_tokens", "num_retractions",
-                    "jump_forward_tokens", "num_integrity_violations")
-
-
 @dataclass
 class FlushCacheReq:
     req_id: int = 0
@@ -54,7 +47,6 @@ class FlushCacheReqOutput:
     success: bool
     message: str = ""
     req_id: int = 0
-    counters_before: Dict[str, int] = field(default_factory=dict)  # CUMULATIVE_STATS just before a flush
 
 
 @dataclass

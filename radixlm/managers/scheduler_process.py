@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.managers.io_struct import (CUMULATIVE_STATS, AbortReq, BatchTokenIDOut, DetokenizeParams,
-                                        FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
-                                        GetInternalStateReqOutput, SchedulerReady, TokenizedGenerateReqInput,
-                                        decode_or_drop, detok_params_of, encode, to_req)
+from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
+                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
+                                        SchedulerReady, TokenizedGenerateReqInput, decode_or_drop, detok_params_of,
+                                        encode, to_req)
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,10 @@ class SchedulerLoop:
                 for rid in rids:
                     self.emit(s.abort_request(rid))
             elif isinstance(msg, FlushCacheReq):
-                before = scheduler_state(s)
                 ok = s.flush_cache()
                 self.to_tokenizer.send(encode(FlushCacheReqOutput(
                     ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.",
-                    msg.req_id, {k: before.get(k, 0) for k in CUMULATIVE_STATS} if ok else {})))
+                    msg.req_id)))
             elif isinstance(msg, GetInternalStateReq):
                 self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s), msg.req_id)))
             else:

@@ -9,8 +9,7 @@ A message that fails to decode, or one of an unexpected type, is logged and drop
 Every wait on another process has a deadline: start-up (`launch`), control replies
 (`CONTROL_TIMEOUT_S`, matched by req_id), sends (`SEND_TIMEOUT_S`); a generation waits as long as
 the runtime is alive (the watchdog fails it when not). `unhealthy_reason()` is the cheap liveness
-check behind /health. Prometheus counters are kept monotonic here (`lifetime_counters`): a cache
-flush resets the scheduler's stats, so their values just before it are added to a base.
+check behind /health.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from radixlm.core import FinishReason
-from radixlm.managers.io_struct import (CUMULATIVE_STATS, AbortReq, BatchStrOut, FlushCacheReq,
-                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
-                                        SchedulerReady, TokenizedGenerateReqInput, decode_or_drop, encode)
+from radixlm.managers.io_struct import (AbortReq, BatchStrOut, FlushCacheReq, FlushCacheReqOutput,
+                                        GetInternalStateReq, GetInternalStateReqOutput, SchedulerReady,
+                                        TokenizedGenerateReqInput, decode_or_drop, encode)
 from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.scheduler_process import IPCNames
 from radixlm.server_args import ServerArgs
@@ -110,7 +109,6 @@ class TokenizerManager:
         self.dead_reason: Optional[str] = None
         self._tasks: List[asyncio.Task] = []
         self.on_fatal: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)  # the server exits
-        self.counter_base: Dict[str, int] = {k: 0 for k in CUMULATIVE_STATS}  # counts before the last flushes
         self.num_dropped_messages = 0
         self.server_info: Dict[str, Any] = {}
         self.procs: List[mp.Process] = []
@@ -261,13 +259,6 @@ class TokenizerManager:
                     st.finished_reason = out.finished_reason
                 st.event.set()
         elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
-            # both adjust in arrival order (= the scheduler's order), so the totals are exact
-            if isinstance(msg, FlushCacheReqOutput) and msg.success:
-                for k in CUMULATIVE_STATS:
-                    self.counter_base[k] += int(msg.counters_before.get(k, 0))
-            if isinstance(msg, GetInternalStateReqOutput):
-                msg.state["lifetime_counters"] = {k: self.counter_base[k] + msg.state.get(k, 0)
-                                                  for k in CUMULATIVE_STATS}
             fut = self.control_waiters.pop(msg.req_id, None)
             if fut is None:
                 logger.warning("tokenizer manager dropped a late %s (req_id %s)", type(msg).__name__, msg.req_id)
