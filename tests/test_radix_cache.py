@@ -444,3 +444,23 @@ def test_incremental_eviction_matches_the_walking_reference() -> None:
         assert sorted(a.all_values().tolist()) == sorted(b.all_values().tolist()), step
     conserved(a_alloc, a)
     assert len(a._evict_heap) <= sum(1 for _ in a._nodes())
+
+
+def test_insert_and_match_returns_what_match_prefix_would():
+    import torch as _t
+
+    from radixlm.mem.allocator import TokenToKVPoolAllocator
+    from radixlm.mem.radix_cache import RadixCache
+
+    for page in (1, 4):
+        alloc = TokenToKVPoolAllocator(512, page_size=page)
+        cache = RadixCache(alloc, page_size=page)
+        for key in ([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [1, 2, 3, 4, 5, 6, 7, 8, 7, 7, 7, 7], []):
+            val = alloc.alloc(len(key)) if key else _t.empty(0, dtype=_t.int64)
+            present, got = cache.insert_and_match(key, val)
+            if present:
+                alloc.free(val[:present])
+            want = cache.match_prefix(key)
+            assert got.last_node is want.last_node
+            assert _t.equal(got.indices, want.indices) and len(got.indices) == len(key)
+        cache.check_integrity()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Hashable, Iterator, List, Optional, Sequence, Union
+from typing import Hashable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -179,6 +179,12 @@ class RadixCache:
         The tree adopts ``value[returned:]``; ``value[:returned]`` stays the
         caller's (free those slots that differ from the tree's).
         """
+        return self.insert_and_match(key, value)[0]
+
+    def insert_and_match(self, key: KeyLike, value: Tensor) -> Tuple[int, MatchResult]:
+        """``insert``, also returning the match of the whole key that the insert leaves: the
+        tree's slots for it and the node it ends on (what ``match_prefix(key)`` would return
+        next, without walking the tree again)."""
         if self.disable:
             raise RuntimeError("insert() on a disabled RadixCache")
         key = self._as_list(key)
@@ -190,6 +196,7 @@ class RadixCache:
         now = self._tick()
         node = self.root_node
         node.last_access_time = now
+        values: List[Tensor] = []
         i = 0
         while i < len(key):
             ck = self._child_key(key[i:])
@@ -199,14 +206,16 @@ class RadixCache:
                 node.children[ck] = leaf
                 self._evictable_size += len(leaf.key)
                 self._push_evictable(leaf)
-                return i
+                values.append(leaf.value)
+                return i, MatchResult(torch.cat(values), leaf)
             child.last_access_time = now
             n = self._match_len(child.key, key[i:])
             if n < len(child.key):
                 child = self._split(child, n)
+            values.append(child.value)
             node = child
             i += n
-        return i
+        return i, MatchResult(torch.cat(values) if values else self._empty(), node)
 
     # ------------------------------------------------------------------ locks
     def inc_lock_ref(self, node: TreeNode) -> int:

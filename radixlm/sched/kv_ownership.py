@@ -9,11 +9,16 @@ It decides nothing about which requests run: that is the scheduler's job.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from radixlm.core import Req
+
+if TYPE_CHECKING:
+    from radixlm.mem.radix_cache import MatchResult, RadixCache
+    from radixlm.mem.allocator import TokenToKVPoolAllocator
+    from radixlm.mem.kv_pool import ReqToTokenPool
 from radixlm.host_copy import to_device_int64
 
 
@@ -23,7 +28,8 @@ def step_slots(batch) -> List[Tuple[Req, torch.Tensor]]:
 
 
 class KVOwnership:
-    def __init__(self, allocator, req_to_token_pool, tree_cache):
+    def __init__(self, allocator: "TokenToKVPoolAllocator", req_to_token_pool: "ReqToTokenPool",
+                 tree_cache: "RadixCache"):
         self.allocator = allocator
         self.req_to_token_pool = req_to_token_pool
         self.tree_cache = tree_cache
@@ -102,23 +108,22 @@ class KVOwnership:
                 self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx, req.last_node = None, None
 
-    def _insert_computed(self, req: Req) -> int:
+    def _insert_computed(self, req: Req) -> Tuple[int, "MatchResult"]:
         """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.
-        Returns the aligned length now held by the tree."""
+        Returns the aligned length now held by the tree and the tree's match of it."""
         aligned = req.kv_len // self.page_size * self.page_size
         row = self.row(req)
-        key = req.fill_ids[:aligned]
-        present = self.tree_cache.insert(key, row[:aligned].clone())
+        present, match = self.tree_cache.insert_and_match(req.fill_ids[:aligned], row[:aligned].clone())
         if present > req.cache_protected_len:
             self.allocator.free(row[req.cache_protected_len:present].clone())
-        return aligned
+        return aligned, match
 
     def cache_finished(self, req: Req) -> None:
         """A finished request: its computed KV goes into the radix cache (unless disabled)."""
         if self.tree_cache.disable or req.req_pool_idx is None:
             self.free(req)
             return
-        aligned = self._insert_computed(req)
+        aligned, _ = self._insert_computed(req)
         row = self.row(req)
         if req.kv_len > aligned:
             self.allocator.free(row[aligned:req.kv_len].clone())
@@ -131,9 +136,7 @@ class KVOwnership:
         """A request that continues: share what it computed so far and lock it for the request."""
         if self.tree_cache.disable:
             return
-        aligned = self._insert_computed(req)
-        match = self.tree_cache.match_prefix(req.fill_ids[:aligned])
-        assert len(match.indices) == aligned, "tree lost a prefix that was just inserted"
+        aligned, match = self._insert_computed(req)
         self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
         self.tree_cache.inc_lock_ref(match.last_node)
         self.tree_cache.dec_lock_ref(req.last_node)
