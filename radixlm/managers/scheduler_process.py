@@ -22,7 +22,7 @@ from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizePar
                                         FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
                                         SchedulerReady, TokenizedGenerateReqInput, decode_or_drop, detok_params_of,
                                         encode, to_req)
-from radixlm.server_args import ServerArgs
+from radixlm.server_args import ServerArgs, derive_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
     from radixlm.sched.scheduler import Scheduler, SchedulerConfig
 
     model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
-    max_running = args.max_running_requests or 256
-    runner = ModelRunner(model_config, RunnerConfig(
-        device=args.resolved_device, attention_backend=args.attention_backend, load_format=args.load_format,
-        max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
-        max_running_requests=max_running, page_size=args.page_size, random_seed=args.random_seed,
-        show_progress=args.show_progress, cuda_graph_max_bs=args.cuda_graph_max_bs,
-        disable_cuda_graph=args.disable_cuda_graph))
+    runner = ModelRunner(model_config, derive_config(
+        RunnerConfig, args, device=args.resolved_device, max_running_requests=args.resolved_max_running_requests))
     decode_tail = encode_text = grammar_factory = None
     if tokenizer is not None:
         def decode_tail(ids):
@@ -55,12 +50,9 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
                     args.grammar_backend, tokenizer, model_config.vocab_size, model_config.eos_token_ids,
                     any_whitespace=not args.constrained_json_disable_any_whitespace,
                     max_whitespace_cnt=args.constrained_json_max_whitespace)
-    return Scheduler(runner, SchedulerConfig(
-        schedule_policy=args.schedule_policy, max_running_requests=max_running,
-        max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
-        schedule_conservativeness=args.schedule_conservativeness, disable_radix_cache=args.disable_radix_cache,
-        random_seed=args.random_seed, enable_jump_forward=not args.disable_jump_forward,
-        enable_mixed_chunk=args.enable_mixed_chunk, enable_overlap=not args.disable_overlap_schedule,
+    return Scheduler(runner, derive_config(
+        SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
+        enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
         debug_integrity_check=args.enable_debug_integrity_check),
         model_config.context_len, decode_tail, encode_text, grammar_factory)
 
