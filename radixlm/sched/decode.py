@@ -15,11 +15,16 @@ a slot even alone is aborted (the pool is too small for it).
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.schedule_policy import DECODE_RESERVE_CAP
+
+if TYPE_CHECKING:
+    from radixlm.sched.kv_ownership import KVOwnership
+    from radixlm.sched.output_processor import OutputProcessor
+    from radixlm.sched.stats import SchedulerStats
 
 logger = logging.getLogger("radixlm.sched.scheduler")
 
@@ -52,7 +57,8 @@ class TokenRatio:
 
 
 class DecodeBuilder:
-    def __init__(self, q: ReqQueues, kv, ratio: TokenRatio, stats, out):
+    def __init__(self, q: ReqQueues, kv: "KVOwnership", ratio: TokenRatio, stats: "SchedulerStats",
+                 out: "OutputProcessor"):
         self.q, self.kv, self.ratio, self.stats, self.out = q, kv, ratio, stats, out
 
     def build(self) -> Tuple[Optional[ScheduleBatch], List[ReqOutput]]:

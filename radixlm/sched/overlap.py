@@ -22,13 +22,20 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import TYPE_CHECKING, List, Optional, Set
 
 import torch
 
 from radixlm.core import ForwardMode, Req, ScheduleBatch
 from radixlm.host_copy import to_device_int64
 from radixlm.sched.queues import ReqQueues
+
+if TYPE_CHECKING:
+    from radixlm.engine.model_runner import ModelRunner
+    from radixlm.engine.sampler import SampleOutput
+    from radixlm.sched.decode import TokenRatio
+    from radixlm.sched.kv_ownership import KVOwnership
+    from radixlm.sched.stats import SchedulerStats
 
 
 
@@ -94,7 +101,8 @@ class Overlap:
     """Chaining decode steps for the scheduler; handed the queues, KV ownership, the token ratio and
     the stats it works on."""
 
-    def __init__(self, runner, q: ReqQueues, kv, ratio, stats, context_len: int):
+    def __init__(self, runner: "ModelRunner", q: ReqQueues, kv: "KVOwnership", ratio: "TokenRatio",
+                 stats: "SchedulerStats", context_len: int):
         self.worker = ForwardWorker(runner)
         self.q, self.kv, self.ratio, self.stats, self.context_len = q, kv, ratio, stats, context_len
 
@@ -137,7 +145,7 @@ class Overlap:
     def _ends_by_length_next(self, req: Req) -> bool:
         return len(req.output_ids) + 1 >= req.max_new_tokens or req.seq_len + 1 >= self.context_len
 
-    def wait(self, cur: InFlight):
+    def wait(self, cur: InFlight) -> "SampleOutput":
         """The step's result (raises what the step raised); its zombies, whose last token's KV is
         computed now, hand everything over to the cache."""
         result = cur.future.result().resolve()

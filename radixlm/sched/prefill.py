@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 
@@ -25,11 +25,18 @@ from radixlm.sched.decode import TokenRatio
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting
 
+if TYPE_CHECKING:
+    from radixlm.mem.radix_cache import MatchResult
+    from radixlm.sched.kv_ownership import KVOwnership
+    from radixlm.sched.scheduler import SchedulerConfig
+    from radixlm.sched.stats import SchedulerStats
+
 logger = logging.getLogger("radixlm.sched.scheduler")
 
 
 class PrefillBuilder:
-    def __init__(self, cfg, q: ReqQueues, kv, ratio: TokenRatio, stats):
+    def __init__(self, cfg: "SchedulerConfig", q: ReqQueues, kv: "KVOwnership", ratio: TokenRatio,
+                 stats: "SchedulerStats"):
         self.cfg, self.q, self.kv, self.ratio, self.stats = cfg, q, kv, ratio, stats
         self.tree_cache = kv.tree_cache
         self.allocator = kv.allocator
@@ -70,7 +77,7 @@ class PrefillBuilder:
             adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.ratio.value))
             admitted.append(req)
             chunk_open = take < left
-        matches: Dict[int, object] = {}  # the ordering's matches, valid for this step (nothing inserts)
+        matches: Dict[int, "MatchResult"] = {}  # the ordering's matches, valid for this step (nothing inserts)
         for req in order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng, matches):
             if chunk_open or len(q.running) + len(admitted) >= self.cfg.max_running_requests:
                 break

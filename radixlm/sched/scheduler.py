@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,6 +38,10 @@ from radixlm.sched.prefill import PrefillBuilder
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.stats import SchedulerStats
 from radixlm.server_args import DEFAULT_MAX_RUNNING_REQUESTS, default_of
+
+if TYPE_CHECKING:
+    from radixlm.engine.model_runner import ModelRunner
+    from radixlm.engine.sampler import SampleOutput
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, runner, cfg: SchedulerConfig, context_len: int,
+    def __init__(self, runner: "ModelRunner", cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
                  grammar_factory: Optional[Callable[[], object]] = None):
@@ -268,7 +272,7 @@ class Scheduler:
         return self._process_decode(cur.batch, result, live, successor)
 
     # ------------------------------------------------------------------ results
-    def _process_prefill(self, batch: ScheduleBatch, result) -> List[ReqOutput]:
+    def _process_prefill(self, batch: ScheduleBatch, result: "SampleOutput") -> List[ReqOutput]:
         outputs: List[ReqOutput] = []
         n = batch.batch_size - batch.num_mixed_decode  # mixed-in decoding requests are handled after
         rows = list(itertools.accumulate(batch.sample[:n], initial=0))  # request i's row in the result
@@ -281,7 +285,7 @@ class Scheduler:
                 outputs += self._fail_reqs([(req, slots[i][1])], f"internal error: {type(e).__name__}: {e}")
         return outputs
 
-    def _prefill_done(self, req: Req, do_sample: bool, result, i: int, row: int) -> List[ReqOutput]:
+    def _prefill_done(self, req: Req, do_sample: bool, result: "SampleOutput", i: int, row: int) -> List[ReqOutput]:
         """Request i of an extend batch computed its chunk (result row `row` when it sampled)."""
         if result.input_logprobs is not None and result.input_logprobs[i]:
             req.input_logprobs.extend(result.input_logprobs[i])
@@ -306,7 +310,7 @@ class Scheduler:
             self.q.running.append(req)
         return [out]
 
-    def _process_decode(self, batch: ScheduleBatch, result, rows: Optional[List[tuple]] = None,
+    def _process_decode(self, batch: ScheduleBatch, result: "SampleOutput", rows: Optional[List[tuple]] = None,
                         successor: Optional[InFlight] = None) -> List[ReqOutput]:
         rows = list(enumerate(batch.reqs)) if rows is None else rows
         outputs = self._advance_decoding(rows, result, 0, successor)
@@ -314,7 +318,7 @@ class Scheduler:
                               self.token_usage(), len(self.q.waiting))
         return outputs
 
-    def _advance_decoding(self, rows: List[tuple], result, offset: int,
+    def _advance_decoding(self, rows: List[tuple], result: "SampleOutput", offset: int,
                           successor: Optional[InFlight] = None) -> List[ReqOutput]:
         """Decoding requests took one step: append their tokens. `rows`: (result row - offset, req).
         A request that finishes but is already in the `successor` step becomes its zombie."""
