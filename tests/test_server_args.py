@@ -63,3 +63,12 @@ def test_internal_configs_are_derived_and_share_defaults():
             if f.name in ServerArgs.__dataclass_fields__ and f.name not in ("device", "max_running_requests"):
                 assert getattr(cfg, f.name) == getattr(base, f.name), f.name
         assert cfg.max_running_requests == base.resolved_max_running_requests
+
+
+def test_grammar_flags_reach_the_schedulers_backend(path):
+    import radixlm
+
+    with radixlm.Engine(model_path=path, log_level="warning", grammar_compile_timeout=7.5,
+                        grammar_cache_size=3) as eng:
+        backend = eng.loop.call(lambda s: s.grammar_backend())
+        assert (backend.compile_timeout, backend.cache_size) == (7.5, 3)

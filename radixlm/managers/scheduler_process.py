@@ -49,7 +49,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None):
                 return create_grammar_backend(
                     args.grammar_backend, tokenizer, model_config.vocab_size, model_config.eos_token_ids,
                     any_whitespace=not args.constrained_json_disable_any_whitespace,
-                    max_whitespace_cnt=args.constrained_json_max_whitespace)
+                    max_whitespace_cnt=args.constrained_json_max_whitespace,
+                    compile_timeout=args.grammar_compile_timeout, cache_size=args.grammar_cache_size)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
