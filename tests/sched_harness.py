@@ -94,9 +94,10 @@ class Run:
 
 
 def drive(sched: Scheduler, arrivals: Dict[int, List[Req]], max_steps: int = 5000,
-          on_step: Optional[Callable[[int], None]] = None) -> Run:
+          on_step: Optional[Callable[[int], Optional[list]]] = None) -> Run:
     """Steps the scheduler until every request finished; requests arrive before the step named by
-    their key. The KV-ownership invariant is checked after every step."""
+    their key, and `on_step(step)` runs before each step (the outputs it returns count too). The
+    KV-ownership invariant is checked after every step."""
     run = Run()
     pending = dict(arrivals)
     total = sum(len(v) for v in arrivals.values())
@@ -105,9 +106,8 @@ def drive(sched: Scheduler, arrivals: Dict[int, List[Req]], max_steps: int = 500
             sched.add_request(req)
             run.outputs[req.rid] = []
             run.token_step[req.rid] = []
-        if on_step is not None:
-            on_step(step)
-        for out in sched.step():
+        outs = list(on_step(step) or []) if on_step is not None else []  # e.g. aborts' outputs
+        for out in outs + sched.step():
             run.outputs[out.rid].extend(out.new_token_ids)
             run.token_step[out.rid].extend([step] * len(out.new_token_ids))
             if out.finished_reason is not None:
