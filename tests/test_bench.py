@@ -94,13 +94,13 @@ def server(qwen2_server):
 
 
 def _args(*extra):
-    from radixlm.bench_serving import build_parser
+    from radixlm.bench.serving import build_parser
 
     return build_parser().parse_args(["--disable-tqdm", "--seed", "5", *extra])
 
 
 def test_bench_serving_random_live(server, tiny, tmp_path, capsys):
-    from radixlm.bench_serving import main
+    from radixlm.bench.serving import main
 
     out = tmp_path / "r.jsonl"
     assert main(["--base-url", server.base_url, "--dataset-name", "random", "--num-prompts", "8",
@@ -120,7 +120,7 @@ def test_bench_serving_random_live(server, tiny, tmp_path, capsys):
 
 
 def test_bench_serving_openai_backend(server):
-    from radixlm.bench_serving import build_workload, load_tokenizer, run_against_server
+    from radixlm.bench.serving import build_workload, load_tokenizer, run_against_server
 
     args = _args("--backend", "openai", "--dataset-name", "random", "--num-prompts", "3",
                  "--random-input-len", "16", "--random-output-len", "3", "--random-range-ratio", "1")
@@ -137,7 +137,7 @@ def server_model_path(server):
 
 
 def test_agent_multiturn_reuses_prefix(server):
-    from radixlm.bench_serving import build_workload, load_tokenizer, run_against_server
+    from radixlm.bench.serving import build_workload, load_tokenizer, run_against_server
 
     args = _args("--dataset-name", "agent-multiturn", "--num-sessions", "3", "--num-turns", "3",
                  "--system-prompt-len", "64", "--turn-len", "16", "--turn-output-len", "4", "--retry-ratio", "0.5",
@@ -156,7 +156,7 @@ def test_agent_multiturn_reuses_prefix(server):
 
 
 def test_bench_one_batch(tiny, tmp_path):
-    from radixlm.bench_one_batch import main
+    from radixlm.bench.one_batch import main
 
     out = main(["--model-path", tiny, "--batch-size", "1", "3", "--input-len", "12", "--output-len", "4",
                 "--output-file", str(tmp_path / "o.jsonl")])
@@ -245,7 +245,7 @@ def test_replot_from_saved_details(tmp_path):
 
 
 def test_bench_offline_dataset_option(tiny, capsys):
-    from radixlm.bench_offline import main
+    from radixlm.bench.offline import main
 
     main(["--model-path", tiny, "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
           "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "64", "--gsp-question-len", "4",

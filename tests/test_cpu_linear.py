@@ -53,7 +53,7 @@ def test_whole_model_logits_with_and_without_packing(model_factory, monkeypatch)
     assert all(m.cpu_packed_weight is None for m in plain_model.modules() if hasattr(m, "cpu_packed_weight"))
     ids = torch.tensor([5, 17, 3, 99, 42, 7, 7, 1])
     pos = torch.arange(len(ids))
-    from radixlm.forward_context import forward_context
+    from radixlm.attention.forward_context import forward_context
 
     outs = []
     for model in (packed_model, plain_model):
@@ -66,7 +66,7 @@ def _forward(model, ids, pos, forward_context):
     """One prefill of `ids` through the model with a throw-away KV pool (torch_native attention)."""
     from radixlm.attention.torch_native import TorchNativeAttnBackend
     from radixlm.core import ForwardMode
-    from radixlm.forward_context import ForwardBatch
+    from radixlm.attention.forward_context import ForwardBatch
     from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 
     mc = model.config  # the ModelConfig

@@ -15,7 +15,7 @@ from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any t
 from radixlm.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixlm.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from radixlm.core import ForwardMode  # noqa: E402
-from radixlm.forward_context import ForwardBatch  # noqa: E402
+from radixlm.attention.forward_context import ForwardBatch  # noqa: E402
 from radixlm.layers.radix_attention import RadixAttention  # noqa: E402
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from radixlm.forward_context import ForwardBatch
+from radixlm.attention.forward_context import ForwardBatch
 
 
 class AttentionBackend:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.forward_context import ForwardBatch
+from radixlm.attention.forward_context import ForwardBatch
 
 
 def _gather(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from radixlm.attention.base import AttentionBackend
-from radixlm.forward_context import ForwardBatch
+from radixlm.attention.forward_context import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

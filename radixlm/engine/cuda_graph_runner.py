@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from radixlm.core import ForwardMode, ScheduleBatch
-from radixlm.forward_context import ForwardBatch, forward_context
+from radixlm.attention.forward_context import ForwardBatch, forward_context
 
 logger = logging.getLogger(__name__)
 

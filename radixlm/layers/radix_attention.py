@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixlm.forward_context import get_forward_batch
+from radixlm.attention.forward_context import get_forward_batch
 
 
 class RadixAttention(nn.Module):

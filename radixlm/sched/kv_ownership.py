@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from radixlm.mem.radix_cache import MatchResult, RadixCache
     from radixlm.mem.allocator import TokenToKVPoolAllocator
     from radixlm.mem.kv_pool import ReqToTokenPool
-from radixlm.host_copy import to_device_int64
+from radixlm.mem.host_copy import to_device_int64
 
 
 def step_slots(batch) -> List[Tuple[Req, torch.Tensor]]:

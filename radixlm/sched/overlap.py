@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, List, Optional, Set
 import torch
 
 from radixlm.core import ForwardMode, Req, ScheduleBatch
-from radixlm.host_copy import to_device_int64
+from radixlm.mem.host_copy import to_device_int64
 from radixlm.sched.queues import ReqQueues
 
 if TYPE_CHECKING:

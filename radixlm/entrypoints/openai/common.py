@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 from fastapi import Request
 from fastapi.responses import Response
 
-from radixlm.entrypoints.http_server import error_json, sse
+from radixlm.entrypoints.http_responses import error_json, sse
 from radixlm.entrypoints.openai.protocol import SamplingFields
 from radixlm.managers.request_builder import check_text, grammar_size
 from radixlm.managers.tokenizer_manager import ReqState, ServiceUnavailable, TokenizerManager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
-from radixlm.entrypoints.http_server import error_json
+from radixlm.entrypoints.http_responses import error_json
 from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixlm.entrypoints.openai.serving_chat import create_chat_completion

@@ -1,0 +1,146 @@
+"""Static-batch latency through the ModelRunner directly (no scheduler, no server, no radix cache):
+one prefill of `batch_size` prompts of `input_len` tokens, then `output_len - 1` decode steps,
+greedy. Prints prefill latency/throughput and per-step decode latency/throughput (SGLang's
+bench_one_batch idea).
+
+    python -m radixlm.bench_one_batch --model-path DIR --batch-size 1 8 --input-len 256 --output-len 16
+
+Prompts can also come from the bench datasets (`--dataset-name random|generated-shared-prefix`,
+same flags as bench_serving); the batch then holds those prompts as they are (ragged lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Dict, List
+
+
+def run_once(runner, prompts: List[List[int]], output_len: int) -> Dict:
+    from radixlm.core import ForwardMode, ScheduleBatch
+
+    pool, alloc = runner.req_to_token_pool, runner.allocator
+    bs = len(prompts)
+    rows = [pool.alloc() for _ in range(bs)]
+    if any(r is None for r in rows):
+        raise RuntimeError("batch larger than max_running_requests")
+    lens = [len(p) for p in prompts]
+    held = []
+    try:
+        loc = alloc.alloc(sum(lens))
+        if loc is None:
+            raise RuntimeError("KV pool too small for this batch")
+        held.append(loc)
+        off = 0
+        for r, n in zip(rows, lens):
+            pool.write(r, 0, loc[off:off + n])
+            off += n
+        reqs = [SimpleNamespace(req_pool_idx=r) for r in rows]
+        flat = [t for p in prompts for t in p]
+        batch = ScheduleBatch(reqs, ForwardMode.EXTEND, flat, loc, [0] * bs, list(lens), [True] * bs)
+        t0 = time.perf_counter()
+        logits, _ = runner.forward(batch)
+        nxt = logits.argmax(-1).tolist()
+        prefill = time.perf_counter() - t0
+        steps = []
+        cur = list(lens)
+        for _ in range(output_len - 1):
+            loc = alloc.alloc(bs)
+            if loc is None:
+                raise RuntimeError("KV pool too small for the decode steps")
+            held.append(loc)
+            for i, r in enumerate(rows):
+                pool.write(r, cur[i], loc[i:i + 1])
+            batch = ScheduleBatch(reqs, ForwardMode.DECODE, nxt, loc, list(cur), [1] * bs, [True] * bs)
+            t = time.perf_counter()
+            logits, _ = runner.forward(batch)
+            nxt = logits.argmax(-1).tolist()
+            steps.append(time.perf_counter() - t)
+            cur = [c + 1 for c in cur]
+    finally:
+        for h in held:
+            alloc.free(h)
+        for r in rows:
+            pool.free(r)
+    med = statistics.median(steps) if steps else 0.0
+    return {
+        "batch_size": bs, "input_len": max(lens), "total_input_tokens": sum(lens), "output_len": output_len,
+        "prefill_latency_s": round(prefill, 4), "prefill_throughput_tok_s": round(sum(lens) / prefill, 1),
+        "median_decode_latency_s": round(med, 5), "mean_decode_latency_s": round(statistics.mean(steps), 5) if steps else 0.0,
+        "decode_throughput_tok_s": round(bs / med, 1) if med else 0.0,
+        "total_latency_s": round(prefill + sum(steps), 4),
+        "overall_throughput_tok_s": round((sum(lens) + bs * output_len) / (prefill + sum(steps)), 1),
+    }
+
+
+def make_prompts(args, bs: int, vocab: int) -> List[List[int]]:
+    from radixlm.bench import datasets as ds
+
+    if args.dataset_name == "generated-shared-prefix":
+        reqs = ds.gen_shared_prefix(max(1, bs // max(1, args.gsp_prompts_per_group)) or 1, args.gsp_prompts_per_group,
+                                    args.gsp_system_prompt_len, args.gsp_question_len, 1, vocab, args.seed)
+        return [r.prompt_ids for r in reqs][:bs]
+    ratio = args.random_range_ratio if args.dataset_name == "random" else 1.0
+    return [r.prompt_ids for r in ds.gen_random(bs, args.input_len, 1, ratio, vocab, args.seed)]
+
+
+def main(argv=None) -> List[Dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-path", default=None, help="default: the demo model")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    ap.add_argument("--input-len", type=int, nargs="+", default=[256])
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--dataset-name", choices=("fixed", "random", "generated-shared-prefix"), default="fixed",
+                    help="fixed: every prompt exactly --input-len random ids")
+    ap.add_argument("--random-range-ratio", type=float, default=0.0)
+    ap.add_argument("--gsp-prompts-per-group", type=int, default=4)
+    ap.add_argument("--gsp-system-prompt-len", type=int, default=256)
+    ap.add_argument("--gsp-question-len", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-total-tokens", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    ap.add_argument("--output-file", default=None, help="append one JSON line per configuration")
+    args = ap.parse_args(argv)
+
+    from radixlm.demo import ensure_demo_model
+    from radixlm.engine.model_runner import ModelRunner, RunnerConfig
+    from radixlm.models.model_config import ModelConfig
+
+    path = args.model_path or ensure_demo_model()
+    mc = ModelConfig.from_path(path)
+    vocab = mc.vocab_size
+    try:
+        from transformers import AutoTokenizer
+
+        vocab = min(vocab, len(AutoTokenizer.from_pretrained(path)))
+    except Exception:  # noqa: BLE001 - ids below the model's vocab are fine without a tokenizer
+        pass
+    need = max(args.batch_size) * (max(args.input_len) + args.output_len + args.gsp_system_prompt_len) + 64
+    runner = ModelRunner(mc, RunnerConfig(device=args.device, max_total_tokens=args.max_total_tokens or need,
+                                          max_running_requests=max(args.batch_size)))
+    out = []
+    for bs in args.batch_size:
+        for il in args.input_len:
+            a = argparse.Namespace(**{**vars(args), "input_len": il})
+            prompts = make_prompts(a, bs, vocab)
+            for _ in range(args.warmup):
+                run_once(runner, [p[:8] for p in prompts], 2)
+            r = {"model_path": path, "dataset_name": args.dataset_name, **run_once(runner, prompts, args.output_len)}
+            print(f"batch {bs:>4}  input {r['input_len']:>5}  prefill {1000 * r['prefill_latency_s']:9.2f} ms "
+                  f"({r['prefill_throughput_tok_s']:9.1f} tok/s)  decode step median "
+                  f"{1000 * r['median_decode_latency_s']:8.2f} ms ({r['decode_throughput_tok_s']:8.1f} tok/s)  "
+                  f"total {r['total_latency_s']:.3f} s")
+            print(json.dumps(r))
+            if args.output_file:
+                with open(args.output_file, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+            out.append(r)
+    return out
+
+
+if __name__ == "__main__":
+    main()
