@@ -10,7 +10,10 @@ def __getattr__(name):
     if name == "Engine":
         from radixlm.entrypoints.engine import Engine
         return Engine
-    if name in ("SamplingParams", "Req", "FinishReason"):
+    if name == "SamplingParams":
+        from radixlm.sampling_params import SamplingParams
+        return SamplingParams
+    if name in ("Req", "FinishReason"):
         import radixlm.core as core
         return getattr(core, name)
     if name == "ServerArgs":

@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from radixlm.core import ForwardMode, Req, SamplingParams, ScheduleBatch
+from radixlm.core import ForwardMode, Req, ScheduleBatch
+from radixlm.sampling_params import SamplingParams
 from radixlm.engine.sampler import SampleOutput
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.kv_pool import ReqToTokenPool

@@ -11,7 +11,8 @@ import pickle
 
 import pytest
 
-from radixlm.core import FinishReason, ReqOutput, SamplingParams
+from radixlm.core import FinishReason, ReqOutput
+from radixlm.sampling_params import SamplingParams
 from radixlm.managers import io_struct
 from radixlm.managers.io_struct import (AbortReq, BatchStrOut, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
                                         FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,

@@ -388,7 +388,8 @@ class _NoWalk(list):
 def test_penalty_tracker_equals_reference_and_costs_new_tokens_only():
     import random
 
-    from radixlm.core import Req, SamplingParams
+    from radixlm.core import Req
+    from radixlm.sampling_params import SamplingParams
     from radixlm.engine.sampler import PenaltyTracker, apply_penalties_reference
 
     rng = random.Random(0)

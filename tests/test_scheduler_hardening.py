@@ -14,7 +14,8 @@ import threading
 
 import pytest
 
-from radixlm.core import Req, SamplingParams
+from radixlm.core import Req
+from radixlm.sampling_params import SamplingParams
 from radixlm.sched.decode import retracted_token_ratio
 from tests.sched_harness import assert_idle_and_clean, drive, make_req, make_scheduler
 

@@ -9,7 +9,8 @@ from typing import List, Sequence
 
 import pytest
 
-from radixlm.core import Req, SamplingParams
+from radixlm.core import Req
+from radixlm.sampling_params import SamplingParams
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.schedule_policy import (

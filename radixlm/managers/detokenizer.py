@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from radixlm.core import FinishReason, SamplingParams
+from radixlm.core import FinishReason
+from radixlm.sampling_params import SamplingParams
 
 # Re-decode this many tokens before the new ones so that merges at the boundary come out right.
 _CONTEXT_TOKENS = 5

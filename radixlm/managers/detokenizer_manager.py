@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Dict
 
-from radixlm.core import SamplingParams
+from radixlm.sampling_params import SamplingParams
 from radixlm.managers.detokenizer import IncrementalDetokenizer
 from radixlm.managers.io_struct import (BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode_or_drop,
                                         encode)

@@ -146,7 +146,8 @@ def to_req(msg: TokenizedGenerateReqInput):
     """The scheduler-side Req for a tokenized request (same in-process and in the scheduler process)."""
     import torch
 
-    from radixlm.core import Req, SamplingParams
+    from radixlm.core import Req
+    from radixlm.sampling_params import SamplingParams
 
     sp = SamplingParams(**msg.sampling_params)
     req = Req(msg.rid, list(msg.input_ids), sp, msg.return_logprob, msg.top_logprobs_num)

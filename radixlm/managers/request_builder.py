@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
-from radixlm.core import SamplingParams
+from radixlm.sampling_params import SamplingParams
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
 
 _GRAMMAR_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
