@@ -47,13 +47,24 @@ class FinishReason:
         return d
 
 
+@dataclass
+class ReqKV:
+    """Where a request's KV lives. `req_to_token[req_pool_idx, :kv_len]` are its slots; the first
+    `cache_protected_len` of them belong to the radix cache (held via the lock on `last_node`), the
+    rest belong to the request and are freed or handed to the cache when it finishes. Retraction
+    and parking reset it in one assignment (`req.kv = ReqKV()`)."""
+
+    req_pool_idx: Optional[int] = None  # the request's row of req_to_token
+    kv_len: int = 0  # tokens whose KV is computed and stored
+    cache_protected_len: int = 0  # leading slots owned by the radix cache
+    last_node: Any = None  # radix-cache node locked by this request
+
+
 @dataclass(eq=False)
 class Req:
-    """One sequence in the scheduler: prompt, generated tokens and where its KV lives.
-
-    KV ownership: `req_to_token[req_pool_idx, :kv_len]` are this request's slots; the first
-    `cache_protected_len` of them belong to the radix cache (held via the lock on `last_node`),
-    the rest belong to the request and are freed or handed to the cache when it finishes.
+    """One sequence in the scheduler: prompt, generated tokens, where its KV lives (`kv`), and what
+    it accumulated for its client (logprobs, cached-token count, retractions). Per-step quantities
+    (how many tokens a step computes for it) live in the step's `ScheduleBatch`, not here.
     """
 
     rid: str
@@ -67,14 +78,7 @@ class Req:
     output_ids: List[int] = field(default_factory=list)
     finished_reason: Optional[FinishReason] = None
 
-    # KV state (reset on retraction)
-    req_pool_idx: Optional[int] = None
-    kv_len: int = 0  # tokens whose KV is computed and stored
-    cache_protected_len: int = 0  # leading slots owned by the radix cache
-    last_node: Any = None  # radix-cache node locked by this request
-    prefix_len: int = 0  # cached prefix matched at admission
-    extend_len: int = 0  # tokens computed in the current extend step
-    extend_is_first_chunk: bool = False  # this extend is the first since admission (counts cache hits)
+    kv: ReqKV = field(default_factory=ReqKV)  # reset on retraction
 
     # accounting
     cached_tokens: int = 0  # tokens served from the radix cache (over all admissions)
@@ -123,16 +127,7 @@ class Req:
     @property
     def pending_tokens(self) -> int:
         """Tokens appended without KV beyond the last one (jump-forward): they need an extend."""
-        return max(self.seq_len - self.kv_len - 1, 0) if self.kv_len else 0
-
-    def reset_kv_state(self) -> None:
-        self.req_pool_idx = None
-        self.kv_len = 0
-        self.cache_protected_len = 0
-        self.last_node = None
-        self.prefix_len = 0
-        self.extend_len = 0
-        self.extend_is_first_chunk = False
+        return max(self.seq_len - self.kv.kv_len - 1, 0) if self.kv.kv_len else 0
 
 
 @dataclass

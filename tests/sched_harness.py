@@ -62,7 +62,7 @@ class StubRunner:
         out, off = [], 0
         for req, pre, ext, sample in zip(batch.reqs, batch.prefix_lens, batch.extend_lens, batch.sample):
             want = batch.out_cache_loc[off:off + ext]
-            if not torch.equal(table[req.req_pool_idx, pre:pre + ext], want):
+            if not torch.equal(table[req.kv.req_pool_idx, pre:pre + ext], want):
                 self.violations.append(f"{req.rid}: request table disagrees with the batch's slots at {pre}")
             off += ext
             if sample:

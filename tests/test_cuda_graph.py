@@ -156,7 +156,7 @@ class DecodeCase:
         ids = [rng.randrange(3, runner.model_config.vocab_size) for _ in range(bs)]
         if ids_as_tensor:
             ids = torch.tensor(ids, device=runner.device)
-        self.batch = ScheduleBatch([SimpleNamespace(req_pool_idx=r) for r in self.rows[:bs]], ForwardMode.DECODE,
+        self.batch = ScheduleBatch([SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in self.rows[:bs]], ForwardMode.DECODE,
                                    ids, self.loc, pre, [1] * bs, [True] * bs)
 
     def close(self) -> None:
@@ -223,7 +223,7 @@ def test_can_run_only_plain_decode_within_max_bs(cpu_runner):
     loc = torch.zeros(1, dtype=torch.long)
 
     def batch(mode, bs, ranges=()):
-        return ScheduleBatch([SimpleNamespace(req_pool_idx=0)] * bs, mode, [1] * bs, loc, [0] * bs, [1] * bs,
+        return ScheduleBatch([SimpleNamespace(kv=SimpleNamespace(req_pool_idx=0))] * bs, mode, [1] * bs, loc, [0] * bs, [1] * bs,
                              [True] * bs, list(ranges))
 
     assert graphs.can_run(batch(ForwardMode.DECODE, 16))

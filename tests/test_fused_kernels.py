@@ -323,7 +323,7 @@ def _extend_logits(runner, prompts):
         for row, p in zip(rows, prompts):
             r2t.write(row, 0, loc[start:start + len(p)])
             start += len(p)
-        batch = ScheduleBatch([SimpleNamespace(req_pool_idx=r) for r in rows], ForwardMode.EXTEND,
+        batch = ScheduleBatch([SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in rows], ForwardMode.EXTEND,
                               [t for p in prompts for t in p], loc, [0] * len(prompts), [len(p) for p in prompts],
                               [True] * len(prompts))
         logits, hidden = runner.forward(batch)

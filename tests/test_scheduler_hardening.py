@@ -241,7 +241,7 @@ def test_failure_while_admitting_fails_only_the_admitted(cfg, clean_runs):
     victims = set()
 
     def write(idx, start, slots):
-        if start == 0 and any(r.rid == "q3" and r.req_pool_idx == idx for r in sched.waiting) and not victims:
+        if start == 0 and any(r.rid == "q3" and r.kv.req_pool_idx == idx for r in sched.waiting) and not victims:
             victims.add("q3")
             raise RuntimeError("injected admission failure")
         return real(idx, start, slots)

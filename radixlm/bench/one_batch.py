@@ -38,7 +38,7 @@ def run_once(runner, prompts: List[List[int]], output_len: int) -> Dict:
         for r, n in zip(rows, lens):
             pool.write(r, 0, loc[off:off + n])
             off += n
-        reqs = [SimpleNamespace(req_pool_idx=r) for r in rows]
+        reqs = [SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in rows]
         flat = [t for p in prompts for t in p]
         batch = ScheduleBatch(reqs, ForwardMode.EXTEND, flat, loc, [0] * bs, list(lens), [True] * bs)
         t0 = time.perf_counter()

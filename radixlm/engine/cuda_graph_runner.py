@@ -174,7 +174,7 @@ class CudaGraphRunner:
         """Copies the step's inputs into rows :bs of the static buffers, padding values into bs:n."""
         pad = n - bs
         pos = [int(p) for p in batch.prefix_lens]  # decode: the new token's position = tokens cached
-        host = [pos + [0] * pad, [r.req_pool_idx for r in batch.reqs] + [self.padding_row] * pad,
+        host = [pos + [0] * pad, [r.kv.req_pool_idx for r in batch.reqs] + [self.padding_row] * pad,
                 [p + 1 for p in pos] + [1] * pad]
         ids = batch.input_ids
         # pinned + non_blocking: no wait for the work in flight (a pageable copy would first sync the stream)

@@ -103,7 +103,7 @@ class ModelRunner:
             positions.extend(range(pre, pre + ext))
             seq_lens.append(pre + ext)
         ids_on_device = isinstance(batch.input_ids, torch.Tensor)
-        rows = [positions, [r.req_pool_idx for r in batch.reqs], seq_lens, list(batch.prefix_lens),
+        rows = [positions, [r.kv.req_pool_idx for r in batch.reqs], seq_lens, list(batch.prefix_lens),
                 list(batch.extend_lens)] + ([] if ids_on_device else [list(batch.input_ids)])
         sizes = [len(x) for x in rows]
         flat = to_device_int64([v for x in rows for v in x], self.device)

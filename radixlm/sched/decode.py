@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-from radixlm.core import FinishReason, ForwardMode, Req, ReqOutput, ScheduleBatch
+from radixlm.core import FinishReason, ForwardMode, Req, ReqKV, ReqOutput, ScheduleBatch
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.schedule_policy import DECODE_RESERVE_CAP
 
@@ -69,7 +69,7 @@ class DecodeBuilder:
             reqs = list(self.q.running)
             if not reqs:
                 return None, outputs
-            loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+            loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), [r.kv.kv_len for r in reqs], [1] * len(reqs))
             if loc is not None:
                 break
             if not self._retract_one(outputs):
@@ -77,7 +77,7 @@ class DecodeBuilder:
         self.kv.write_decode_slots(reqs, loc)
         self.ratio.decay()
         return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
-                             [r.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs)), outputs
+                             [r.kv.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs)), outputs
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
         """Preempts the least-progressed live request; False when nothing can go."""
@@ -91,7 +91,7 @@ class DecodeBuilder:
         req = min(candidates, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)))
         self.q.remove(req)
         self.kv.free(req)
-        req.reset_kv_state()
+        req.kv = ReqKV()
         req.num_retractions += 1
         self.q.waiting.append(req)
         self.stats.num_retractions += 1

@@ -3,7 +3,7 @@ the radix cache and the free pool.
 
 Owns the invariant the scheduler's `check_integrity` verifies: every slot is free, held by the radix
 tree, or held by exactly one request as `req_to_token[row, cache_protected_len:kv_len]` (the first
-`cache_protected_len` slots of a row belong to the tree, locked through `req.last_node`).
+`cache_protected_len` slots of a row belong to the tree, locked through `req.kv.last_node`).
 It decides nothing about which requests run: that is the scheduler's job.
 """
 
@@ -40,8 +40,8 @@ class KVOwnership:
         self.tree_cache.check_integrity()
         held = [self.tree_cache.all_values()]
         for req in live_reqs:
-            end = req.kv_len + (extra or {}).get(id(req), 0)
-            held.append(self.row(req)[req.cache_protected_len:end])
+            end = req.kv.kv_len + (extra or {}).get(id(req), 0)
+            held.append(self.row(req)[req.kv.cache_protected_len:end])
         self.allocator.check_integrity(torch.cat(held))
 
     def token_usage(self) -> float:
@@ -63,24 +63,22 @@ class KVOwnership:
         if self.page_size == 1 or not reqs:
             return [-1] * len(reqs)
         table = self.req_to_token_pool.req_to_token
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=table.device)
-        cols = torch.tensor([max(r.kv_len - 1, 0) for r in reqs], device=table.device)
+        rows = torch.tensor([r.kv.req_pool_idx for r in reqs], device=table.device)
+        cols = torch.tensor([max(r.kv.kv_len - 1, 0) for r in reqs], device=table.device)
         slots = table[rows, cols].tolist()
-        return [s if r.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
+        return [s if r.kv.kv_len > 0 else -1 for s, r in zip(slots, reqs)]
 
     def write_decode_slots(self, reqs: Sequence[Req], loc: torch.Tensor) -> None:
-        self.write_slots(reqs, [r.kv_len for r in reqs], loc)
-        for req in reqs:
-            req.prefix_len, req.extend_len = req.kv_len, 1
+        self.write_slots(reqs, [r.kv.kv_len for r in reqs], loc)
 
     def write_slots(self, reqs: Sequence[Req], cols: Sequence[int], loc: torch.Tensor) -> None:
         """req_to_token[req i, cols[i]] = loc[i], without waiting for queued device work."""
         table = self.req_to_token_pool.req_to_token
-        rows = to_device_int64([r.req_pool_idx for r in reqs], table.device)
+        rows = to_device_int64([r.kv.req_pool_idx for r in reqs], table.device)
         table[rows, to_device_int64(list(cols), table.device)] = loc.to(table.device)
 
     def row(self, req: Req) -> torch.Tensor:
-        return self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        return self.req_to_token_pool.req_to_token[req.kv.req_pool_idx]
 
     def free(self, req: Req) -> None:
         """Returns the request's own slots and row to the pools and drops its lock (no caching)."""
@@ -93,52 +91,52 @@ class KVOwnership:
         no row only drops its lock (a failure between locking a prefix and taking a row)."""
         held = []
         for req, extra in zip(reqs, step_slots):
-            if req.req_pool_idx is None:
+            if req.kv.req_pool_idx is None:
                 continue
-            held.append(self.row(req)[req.cache_protected_len:req.kv_len])
+            held.append(self.row(req)[req.kv.cache_protected_len:req.kv.kv_len])
             if extra is not None:
                 held.append(extra.to(held[-1].device))
         slots = torch.cat(held) if held else None
         if slots is not None and slots.numel():
             self.allocator.free(torch.unique(slots))
         for req in reqs:
-            if req.last_node is not None:
-                self.tree_cache.dec_lock_ref(req.last_node)
-            if req.req_pool_idx is not None:
-                self.req_to_token_pool.free(req.req_pool_idx)
-            req.req_pool_idx, req.last_node = None, None
+            if req.kv.last_node is not None:
+                self.tree_cache.dec_lock_ref(req.kv.last_node)
+            if req.kv.req_pool_idx is not None:
+                self.req_to_token_pool.free(req.kv.req_pool_idx)
+            req.kv.req_pool_idx, req.kv.last_node = None, None
 
     def _insert_computed(self, req: Req) -> Tuple[int, "MatchResult"]:
         """Gives the request's page-aligned computed tokens to the tree; frees its duplicates.
         Returns the aligned length now held by the tree and the tree's match of it."""
-        aligned = req.kv_len // self.page_size * self.page_size
+        aligned = req.kv.kv_len // self.page_size * self.page_size
         row = self.row(req)
         present, match = self.tree_cache.insert_and_match(req.fill_ids[:aligned], row[:aligned].clone())
-        if present > req.cache_protected_len:
-            self.allocator.free(row[req.cache_protected_len:present].clone())
+        if present > req.kv.cache_protected_len:
+            self.allocator.free(row[req.kv.cache_protected_len:present].clone())
         return aligned, match
 
     def cache_finished(self, req: Req) -> None:
         """A finished request: its computed KV goes into the radix cache (unless disabled)."""
-        if self.tree_cache.disable or req.req_pool_idx is None:
+        if self.tree_cache.disable or req.kv.req_pool_idx is None:
             self.free(req)
             return
         aligned, _ = self._insert_computed(req)
         row = self.row(req)
-        if req.kv_len > aligned:
-            self.allocator.free(row[aligned:req.kv_len].clone())
-        self.tree_cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node = None, None
-        req.cache_protected_len = req.kv_len = 0
+        if req.kv.kv_len > aligned:
+            self.allocator.free(row[aligned:req.kv.kv_len].clone())
+        self.tree_cache.dec_lock_ref(req.kv.last_node)
+        self.req_to_token_pool.free(req.kv.req_pool_idx)
+        req.kv.req_pool_idx, req.kv.last_node = None, None
+        req.kv.cache_protected_len = req.kv.kv_len = 0
 
     def cache_unfinished(self, req: Req) -> None:
         """A request that continues: share what it computed so far and lock it for the request."""
         if self.tree_cache.disable:
             return
         aligned, match = self._insert_computed(req)
-        self.req_to_token_pool.write(req.req_pool_idx, 0, match.indices)
+        self.req_to_token_pool.write(req.kv.req_pool_idx, 0, match.indices)
         self.tree_cache.inc_lock_ref(match.last_node)
-        self.tree_cache.dec_lock_ref(req.last_node)
-        req.last_node = match.last_node
-        req.cache_protected_len = aligned
+        self.tree_cache.dec_lock_ref(req.kv.last_node)
+        req.kv.last_node = match.last_node
+        req.kv.cache_protected_len = aligned

@@ -130,13 +130,11 @@ class Overlap:
                 return None
         if not reqs:
             return None
-        lens = [r.kv_len + 1 for r in reqs]  # cur writes the KV of position kv_len
+        lens = [r.kv.kv_len + 1 for r in reqs]  # cur writes the KV of position kv_len
         loc = self.kv.alloc_with_evict([-1] * len(reqs), lens, [1] * len(reqs))
         if loc is None:
             return None
         self.kv.write_slots(reqs, lens, loc)
-        for req in reqs:
-            req.prefix_len, req.extend_len = req.kv_len + 1, 1
         self.ratio.decay()
         batch = ScheduleBatch(reqs, ForwardMode.DECODE, [], loc, lens, [1] * len(reqs), [True] * len(reqs))
         self.stats.num_overlapped_batches += 1
@@ -152,7 +150,7 @@ class Overlap:
         for req in cur.batch.reqs:
             if cur.is_zombie(req):
                 self.stats.num_overlap_zombies += 1
-                req.kv_len += 1
+                req.kv.kv_len += 1
                 self.kv.cache_finished(req)
         return result
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 
-from radixlm.core import ForwardMode, Req, ScheduleBatch
+from radixlm.core import ForwardMode, Req, ReqKV, ScheduleBatch
 from radixlm.sched.decode import TokenRatio
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.schedule_policy import PrefillAdder, order_waiting
@@ -63,19 +63,20 @@ class PrefillBuilder:
 
     def _admit_and_build(self, admitted: List[Req]) -> Optional[ScheduleBatch]:
         q, adder = self.q, self._budget()
+        takes: List[int] = []  # tokens this step computes for admitted[i]
         chunk_open = False  # a request stays mid-prefill after this step: admit nothing behind it
         if q.chunked_req is not None:
             req = q.chunked_req
-            left = req.seq_len - req.kv_len
+            left = req.seq_len - req.kv.kv_len
             take = adder.budget_for_chunk(left, first=not q.running)
             if take <= 0 and not q.running:  # cannot happen (add_request checked the pool): never spin
                 raise RuntimeError(f"the chunked request's remaining {left} tokens do not fit the idle pool")
             if take <= 0:  # too little fits next to the running requests: they decode this step
                 self.stats.num_chunk_waits += 1
                 return None
-            req.prefix_len, req.extend_len = req.kv_len, take
             adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.ratio.value))
             admitted.append(req)
+            takes.append(take)
             chunk_open = take < left
         matches: Dict[int, "MatchResult"] = {}  # the ordering's matches, valid for this step (nothing inserts)
         for req in order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng, matches):
@@ -103,33 +104,33 @@ class PrefillBuilder:
                 self.tree_cache.dec_lock_ref(match.last_node)
                 adder.rem_total += locked
                 break
-            req.last_node = match.last_node
+            req.kv.last_node = match.last_node
             admitted.append(req)
-            self._bind(req, match.indices, take)
+            self._bind(req, match.indices)
+            takes.append(take)
             adder.commit(req.fill_ids, take, reserve if take == extend else 0.0)
             chunk_open = take < extend
         if not admitted:
             return None
-        batch = self._build_extend_batch(admitted)
+        new = [r is not q.chunked_req for r in admitted]  # bound this step (not the continuing chunk)
+        batch = self._build_extend_batch(admitted, takes, new)
         if batch is None:  # the budget counted evictable tokens that were locked after all: retry later
             self._roll_back(admitted)
             return None
-        for req in admitted:
-            if req is not q.chunked_req and req.extend_len < req.seq_len - req.kv_len:
+        for req, take, is_new in zip(admitted, takes, new):
+            if is_new and take < req.seq_len - req.kv.kv_len:
                 q.chunked_req = req
             if req in q.waiting:
                 q.waiting.remove(req)
-            if req.extend_is_first_chunk and not req.output_ids:  # a resumed request re-uses its own KV
-                req.cached_tokens += req.prefix_len
+            if is_new and not req.output_ids:  # a resumed request re-uses its own KV: no cache hit
+                req.cached_tokens += req.kv.kv_len
         return batch
 
-    def _bind(self, req: Req, prefix: torch.Tensor, take: int) -> None:
+    def _bind(self, req: Req, prefix: torch.Tensor) -> None:
         """Binds a request (whose matched prefix is already locked) to a row and its prefix."""
-        req.req_pool_idx = self.req_to_token_pool.alloc()
-        self.req_to_token_pool.write(req.req_pool_idx, 0, prefix)
-        req.prefix_len = req.kv_len = req.cache_protected_len = len(prefix)
-        req.extend_len = take
-        req.extend_is_first_chunk = True
+        req.kv.req_pool_idx = self.req_to_token_pool.alloc()
+        self.req_to_token_pool.write(req.kv.req_pool_idx, 0, prefix)
+        req.kv.kv_len = req.kv.cache_protected_len = len(prefix)
 
     def _roll_back(self, admitted: List[Req]) -> None:
         self.stats.num_admission_rollbacks += 1
@@ -137,13 +138,14 @@ class PrefillBuilder:
         for req in admitted:
             if req is not self.q.chunked_req:
                 self.kv.free(req)
-                req.reset_kv_state()
+                req.kv = ReqKV()
         admitted.clear()
 
-    def _build_extend_batch(self, reqs: List[Req]) -> Optional[ScheduleBatch]:
-        """The extend batch of the admitted requests, or None when the pool cannot give their slots."""
-        prefix_lens = [r.kv_len for r in reqs]
-        extend_lens = [r.extend_len for r in reqs]
+    def _build_extend_batch(self, reqs: List[Req], extend_lens: List[int], new: List[bool]
+                            ) -> Optional[ScheduleBatch]:
+        """The extend batch of the admitted requests (`new`: bound this step, so their prefix is a
+        cache hit), or None when the pool cannot give their slots."""
+        prefix_lens = [r.kv.kv_len for r in reqs]
         loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), prefix_lens, extend_lens)
         if loc is None:
             return None
@@ -151,7 +153,7 @@ class PrefillBuilder:
         slices = list(torch.split(loc, extend_lens))
         try:
             for req, pre, ext, sl in zip(reqs, prefix_lens, extend_lens, slices):
-                self.req_to_token_pool.write(req.req_pool_idx, pre, sl)
+                self.req_to_token_pool.write(req.kv.req_pool_idx, pre, sl)
                 input_ids.extend(req.fill_ids[pre:pre + ext])
         except BaseException:
             self.kv.free_with_step_slots(reqs, slices)  # the step's slots go back with the requests
@@ -159,7 +161,7 @@ class PrefillBuilder:
         sample = [pre + ext == r.seq_len and r.max_new_tokens > len(r.output_ids)
                   for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
         ranges = [r.input_logprob_range(pre, ext) for r, pre, ext in zip(reqs, prefix_lens, extend_lens)]
-        cached = sum(r.prefix_len for r in reqs if r.extend_is_first_chunk)
+        cached = sum(pre for pre, is_new in zip(prefix_lens, new) if is_new)
         self.stats.log_prefill(len(reqs), sum(extend_lens), cached, self.kv.token_usage(), len(self.q.running),
                                len(self.q.waiting))
         return ScheduleBatch(reqs, ForwardMode.EXTEND, input_ids, loc, prefix_lens, extend_lens, sample, ranges)
@@ -170,14 +172,14 @@ class PrefillBuilder:
         reqs = [r for r in self.q.running if r not in batch.reqs]
         if not reqs:
             return
-        loc = self.allocator.alloc_extend(self.kv.last_slots(reqs), [r.kv_len for r in reqs], [1] * len(reqs))
+        loc = self.allocator.alloc_extend(self.kv.last_slots(reqs), [r.kv.kv_len for r in reqs], [1] * len(reqs))
         if loc is None:
             return
         self.kv.write_decode_slots(reqs, loc)
         batch.reqs.extend(reqs)
         batch.input_ids.extend(r.output_ids[-1] for r in reqs)
         batch.out_cache_loc = torch.cat([batch.out_cache_loc, loc.to(batch.out_cache_loc.device)])
-        batch.prefix_lens.extend(r.kv_len for r in reqs)
+        batch.prefix_lens.extend(r.kv.kv_len for r in reqs)
         batch.extend_lens.extend([1] * len(reqs))
         batch.sample.extend([True] * len(reqs))
         batch.input_logprob_ranges.extend([None] * len(reqs))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 import torch
 
 from radixlm.constrained import grammar_key
-from radixlm.core import FinishReason, Req, ReqOutput, ScheduleBatch
+from radixlm.core import FinishReason, Req, ReqKV, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.decode import DecodeBuilder, TokenRatio
 from radixlm.sched.kv_ownership import KVOwnership, step_slots
@@ -279,19 +279,20 @@ class Scheduler:
         slots = step_slots(batch)
         for i, (req, do_sample) in enumerate(zip(batch.reqs[:n], batch.sample[:n])):
             try:
-                outputs += self._prefill_done(req, do_sample, result, i, rows[i])
+                outputs += self._prefill_done(req, batch.extend_lens[i], do_sample, result, i, rows[i])
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 logger.exception("processing the prefill of request %s failed", req.rid)
                 outputs += self._fail_reqs([(req, slots[i][1])], f"internal error: {type(e).__name__}: {e}")
         return outputs
 
-    def _prefill_done(self, req: Req, do_sample: bool, result: "SampleOutput", i: int, row: int) -> List[ReqOutput]:
-        """Request i of an extend batch computed its chunk (result row `row` when it sampled)."""
+    def _prefill_done(self, req: Req, extend_len: int, do_sample: bool, result: "SampleOutput", i: int,
+                      row: int) -> List[ReqOutput]:
+        """Request i of an extend batch computed its `extend_len` tokens (result row `row` when it
+        sampled)."""
         if result.input_logprobs is not None and result.input_logprobs[i]:
             req.input_logprobs.extend(result.input_logprobs[i])
-        req.kv_len += req.extend_len
-        req.extend_is_first_chunk = False
-        if req is self.q.chunked_req and req.kv_len < req.seq_len:
+        req.kv.kv_len += extend_len
+        if req is self.q.chunked_req and req.kv.kv_len < req.seq_len:
             self.kv.cache_unfinished(req)
             return []
         if req is self.q.chunked_req:
@@ -314,7 +315,7 @@ class Scheduler:
                         successor: Optional[InFlight] = None) -> List[ReqOutput]:
         rows = list(enumerate(batch.reqs)) if rows is None else rows
         outputs = self._advance_decoding(rows, result, 0, successor)
-        self.stats.log_decode(len(rows), len(self.q.running), sum(r.kv_len for r in self.q.running),
+        self.stats.log_decode(len(rows), len(self.q.running), sum(r.kv.kv_len for r in self.q.running),
                               self.token_usage(), len(self.q.waiting))
         return outputs
 
@@ -326,7 +327,7 @@ class Scheduler:
         in_next = {id(r) for r in successor.batch.reqs} if successor is not None else set()
         for i, req in rows:
             try:
-                req.kv_len += 1
+                req.kv.kv_len += 1
                 outputs.append(self.out.append_token(req, result, offset + i))
                 if not (req.finished or req.pending_tokens):
                     continue
@@ -354,7 +355,7 @@ class Scheduler:
             self.kv.free(req)
         else:
             self.kv.cache_finished(req)
-        req.reset_kv_state()
+        req.kv = ReqKV()
         self.q.waiting.append(req)
 
     # ------------------------------------------------------------------ failures and invariants
