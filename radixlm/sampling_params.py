@@ -102,7 +102,8 @@ class SamplingParams:
             raise ValueError("min_new_tokens must be in [0, max_new_tokens]")
         if self.n < 1:
             raise ValueError("n must be at least 1")
-        if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)):
+        seed = self.sampling_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"sampling_seed must be an integer, got {self.sampling_seed!r}")
         if self.sampling_seed is not None and not (-(2**63) <= self.sampling_seed < 2**63):
             raise ValueError("sampling_seed must be a 64-bit integer")
@@ -146,3 +147,8 @@ class SamplingParams:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Dict-style read, for callers written when this crossed the process boundary as a dict
+        (radixlm/entrypoints/openai/common.py: `st.msg.sampling_params.get("no_stop_trim")`)."""
+        return getattr(self, name, default)

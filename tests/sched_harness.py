@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from radixlm.core import ForwardMode, Req, ScheduleBatch
-from radixlm.sampling_params import SamplingParams
 from radixlm.engine.sampler import SampleOutput
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.kv_pool import ReqToTokenPool
+from radixlm.sampling_params import SamplingParams
 from radixlm.sched.scheduler import Scheduler, SchedulerConfig
 
 VOCAB = 97

@@ -64,9 +64,9 @@ def test_whole_model_logits_with_and_without_packing(model_factory, monkeypatch)
 
 def _forward(model, ids, pos, forward_context):
     """One prefill of `ids` through the model with a throw-away KV pool (torch_native attention)."""
+    from radixlm.attention.forward_context import ForwardBatch
     from radixlm.attention.torch_native import TorchNativeAttnBackend
     from radixlm.core import ForwardMode
-    from radixlm.attention.forward_context import ForwardBatch
     from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 
     mc = model.config  # the ModelConfig

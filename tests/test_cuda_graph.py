@@ -22,9 +22,14 @@ from tests.triton_env import require_triton  # noqa: E402  (sets TRITON_INTERPRE
 require_triton()
 
 from radixlm.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
-from radixlm.core import ForwardMode, ScheduleBatch  # noqa: E402
-from radixlm.engine.cuda_graph_runner import (PADDING_SLOT, CudaGraphRunner, capture_bucket_sizes,  # noqa: E402
-                                              create_cuda_graph_runner, resolve_cuda_graph_max_bs)
+from radixlm.core import ForwardMode, ReqKV, ScheduleBatch  # noqa: E402
+from radixlm.engine.cuda_graph_runner import (  # noqa: E402
+    PADDING_SLOT,
+    CudaGraphRunner,
+    capture_bucket_sizes,
+    create_cuda_graph_runner,
+    resolve_cuda_graph_max_bs,
+)
 from radixlm.engine.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 from radixlm.mem.allocator import TokenToKVPoolAllocator  # noqa: E402
 from radixlm.mem.kv_pool import ReqToTokenPool  # noqa: E402
@@ -156,8 +161,8 @@ class DecodeCase:
         ids = [rng.randrange(3, runner.model_config.vocab_size) for _ in range(bs)]
         if ids_as_tensor:
             ids = torch.tensor(ids, device=runner.device)
-        self.batch = ScheduleBatch([SimpleNamespace(kv=SimpleNamespace(req_pool_idx=r)) for r in self.rows[:bs]], ForwardMode.DECODE,
-                                   ids, self.loc, pre, [1] * bs, [True] * bs)
+        reqs = [SimpleNamespace(kv=ReqKV(req_pool_idx=r)) for r in self.rows[:bs]]
+        self.batch = ScheduleBatch(reqs, ForwardMode.DECODE, ids, self.loc, pre, [1] * bs, [True] * bs)
 
     def close(self) -> None:
         for row in self.rows:
@@ -223,7 +228,7 @@ def test_can_run_only_plain_decode_within_max_bs(cpu_runner):
     loc = torch.zeros(1, dtype=torch.long)
 
     def batch(mode, bs, ranges=()):
-        return ScheduleBatch([SimpleNamespace(kv=SimpleNamespace(req_pool_idx=0))] * bs, mode, [1] * bs, loc, [0] * bs, [1] * bs,
+        return ScheduleBatch([SimpleNamespace(kv=ReqKV(req_pool_idx=0))] * bs, mode, [1] * bs, loc, [0] * bs, [1] * bs,
                              [True] * bs, list(ranges))
 
     assert graphs.can_run(batch(ForwardMode.DECODE, 16))

@@ -5,7 +5,8 @@ On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERP
 triton is imported) on tiny shapes; float32 must agree to ~1e-5. The interpreter casts fp32 -> bf16
 by truncation, not round-to-nearest, so on CPU bf16 is compared within 3e-2 of the output's scale
 and, exactly, to the reference's math re-expressed with explicit casts (`emu_*`) done by truncation:
-this checks that the kernels round at the reference's points. With CUDA the `@pytest.mark.gpu` tests run real shapes (Llama-3-8B: hidden 4096, intermediate 14336,
+this checks that the kernels round at the reference's points. With CUDA the `@pytest.mark.gpu`
+tests run real shapes (Llama-3-8B: hidden 4096, intermediate 14336,
 32/8 heads of 128), where bf16 must also be bit-equal to the reference almost everywhere (same
 rounding points), and a whole tiny model's logits with fused kernels on and off. (Their speed is
 measured by `python -m radixlm.bench.gpu`, line `fused_kernels`, not asserted here.)
@@ -21,12 +22,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any triton import)
 from radixlm.layers import triton_ops  # noqa: E402
 from radixlm.layers.activation import SiluAndMul  # noqa: E402
 from radixlm.layers.layernorm import RMSNorm  # noqa: E402
 from radixlm.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from radixlm.layers.triton_ops import kernels as K  # noqa: E402
+from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any triton import)
 
 DTYPES = [torch.float32, torch.bfloat16]
 

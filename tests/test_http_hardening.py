@@ -32,9 +32,18 @@ import pytest
 import requests
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.managers.io_struct import (BatchStrOut, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
-                                        FlushCacheReqOutput, GetInternalStateReq, SchedulerReady, StrOut,
-                                        TokenizedGenerateReqInput, encode)
+from radixlm.managers.io_struct import (
+    BatchStrOut,
+    BatchTokenIDOut,
+    DetokenizeParams,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    SchedulerReady,
+    StrOut,
+    TokenizedGenerateReqInput,
+    encode,
+)
 from tests.conftest import random_prompts
 from tests.server_utils import info_stat
 from tests.test_server_robustness import children, find_scheduler, launched

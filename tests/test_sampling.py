@@ -389,8 +389,8 @@ def test_penalty_tracker_equals_reference_and_costs_new_tokens_only():
     import random
 
     from radixlm.core import Req
-    from radixlm.sampling_params import SamplingParams
     from radixlm.engine.sampler import PenaltyTracker, apply_penalties_reference
+    from radixlm.sampling_params import SamplingParams
 
     rng = random.Random(0)
     V = 97

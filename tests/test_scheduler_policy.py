@@ -10,9 +10,9 @@ from typing import List, Sequence
 import pytest
 
 from radixlm.core import Req
-from radixlm.sampling_params import SamplingParams
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.radix_cache import RadixCache
+from radixlm.sampling_params import SamplingParams
 from radixlm.sched.schedule_policy import (
     DECODE_RESERVE_CAP,
     IN_BATCH_PREFIX_MIN,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any triton import)
+from radixlm.attention.forward_context import ForwardBatch  # noqa: E402
 from radixlm.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixlm.attention.triton_backend import TritonAttnBackend  # noqa: E402
 from radixlm.core import ForwardMode  # noqa: E402
-from radixlm.attention.forward_context import ForwardBatch  # noqa: E402
 from radixlm.layers.radix_attention import RadixAttention  # noqa: E402
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from tests.triton_env import CUDA, DEVICE, gpu  # noqa: E402,F401  (before any triton import)
 
 
 # ---------------------------------------------------------------------------------------- helpers

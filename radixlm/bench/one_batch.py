@@ -69,7 +69,8 @@ def run_once(runner, prompts: List[List[int]], output_len: int) -> Dict:
     return {
         "batch_size": bs, "input_len": max(lens), "total_input_tokens": sum(lens), "output_len": output_len,
         "prefill_latency_s": round(prefill, 4), "prefill_throughput_tok_s": round(sum(lens) / prefill, 1),
-        "median_decode_latency_s": round(med, 5), "mean_decode_latency_s": round(statistics.mean(steps), 5) if steps else 0.0,
+        "median_decode_latency_s": round(med, 5),
+        "mean_decode_latency_s": round(statistics.mean(steps), 5) if steps else 0.0,
         "decode_throughput_tok_s": round(bs / med, 1) if med else 0.0,
         "total_latency_s": round(prefill + sum(steps), 4),
         "overall_throughput_tok_s": round((sum(lens) + bs * output_len) / (prefill + sum(steps)), 1),

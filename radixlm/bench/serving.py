@@ -38,7 +38,8 @@ SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="radixlm serving benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="radixlm serving benchmark",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--backend", choices=("radixlm", "sglang", "openai"), default="radixlm",
                     help="radixlm/sglang: native /generate; openai: /v1/completions")
     ap.add_argument("--base-url", default=None)

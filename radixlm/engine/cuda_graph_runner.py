@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from radixlm.core import ForwardMode, ScheduleBatch
 from radixlm.attention.forward_context import ForwardBatch, forward_context
+from radixlm.core import ForwardMode, ScheduleBatch
 
 logger = logging.getLogger(__name__)
 

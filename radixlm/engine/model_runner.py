@@ -16,13 +16,13 @@ from typing import List, Optional
 import torch
 
 from radixlm.attention import create_attention_backend
-from radixlm.core import ScheduleBatch
-from radixlm.engine.host_memory import keep_freed_host_memory
-from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
-from radixlm.engine.sampler import SampleOutput, Sampler
 from radixlm.attention.forward_context import ForwardBatch, forward_context
-from radixlm.mem.host_copy import to_device_int64
+from radixlm.core import ScheduleBatch
+from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
+from radixlm.engine.host_memory import keep_freed_host_memory
+from radixlm.engine.sampler import SampleOutput, Sampler
 from radixlm.mem.allocator import TokenToKVPoolAllocator
+from radixlm.mem.host_copy import to_device_int64
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 from radixlm.models.loader import load_model
 from radixlm.models.model_config import ModelConfig

@@ -16,13 +16,35 @@ choices and parallel branches, run on an in-process engine or a server.
 Importing this package is light: backends load their dependencies on first use.
 """
 
-from radixlm.lang.api import (SglFunction, assistant, assistant_begin, assistant_end, flush_cache, function, gen,
-                              gen_int, gen_string, get_default_backend, get_server_info, select, set_default_backend,
-                              system, system_begin, system_end, user, user_begin, user_end)
+from radixlm.lang.api import (
+    SglFunction,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    flush_cache,
+    function,
+    gen,
+    gen_int,
+    gen_string,
+    get_default_backend,
+    get_server_info,
+    select,
+    set_default_backend,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
 from radixlm.lang.backend.base import BackendConnectionError, BackendError, BaseBackend
 from radixlm.lang.chat_template import ChatTemplate
-from radixlm.lang.choices import (ChoicesDecision, greedy_token_selection, token_length_normalized,
-                                  unconditional_likelihood_normalized)
+from radixlm.lang.choices import (
+    ChoicesDecision,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
 from radixlm.lang.executor import ProgramError
 from radixlm.lang.program_state import ProgramState, ProgramStateGroup
 from radixlm.lang.tracer import ProgramGraph

@@ -8,8 +8,18 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from radixlm.lang.choices import resolve_method, token_length_normalized
-from radixlm.lang.ir import (Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select, _check_regex,
-                             _schema_text, to_expr)
+from radixlm.lang.ir import (
+    Expr,
+    ExprList,
+    Gen,
+    RoleBegin,
+    RoleEnd,
+    SamplingDefaults,
+    Select,
+    _check_regex,
+    _schema_text,
+    to_expr,
+)
 
 logger = logging.getLogger(__name__)
 

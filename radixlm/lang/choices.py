@@ -1,9 +1,9 @@
 """How `select` turns per-token log-probabilities of each choice into a decision.
 
 Every method receives, per choice, the log-probabilities of the choice's own tokens given the
-prompt (`token_logprobs[i]`; None where a position has none, e.g. the very first token) and, for the methods that need it, the same tokens scored
-without the prompt (`unconditional_logprobs[i]`). Each returns a `ChoicesDecision` whose meta info
-carries the per-choice scores.
+prompt (`token_logprobs[i]`; None where a position has none, e.g. the very first token) and, for
+the methods that need it, the same tokens scored without the prompt (`unconditional_logprobs[i]`).
+Each returns a `ChoicesDecision` whose meta info carries the per-choice scores.
 
 * `token_length_normalized` (default): argmax of the mean token log-probability.
 * `greedy_token_selection`: compare the choices token by token, keeping those with the highest

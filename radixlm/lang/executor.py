@@ -14,7 +14,18 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 from radixlm.lang.chat_template import ChatTemplate
-from radixlm.lang.ir import (Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, SamplingDefaults, Select, VarScopeBegin, VarScopeEnd)
+from radixlm.lang.ir import (
+    Constant,
+    Expr,
+    ExprList,
+    Gen,
+    RoleBegin,
+    RoleEnd,
+    SamplingDefaults,
+    Select,
+    VarScopeBegin,
+    VarScopeEnd,
+)
 
 logger = logging.getLogger(__name__)
 

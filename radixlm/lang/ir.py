@@ -3,7 +3,8 @@
 Owns the expression classes (constant text, gen, select, roles, variable scopes), the sampling
 parameters a program carries (`SamplingDefaults`, merged with each gen's own settings) and the
 dtype -> regex rules of `gen(dtype=...)`. Expressions are plain data: the interpreter
-(`interpreter.py`, `program_state.py`, `executor.py`) executes them against a backend and the tracer (`tracer.py`) records them.
+(`interpreter.py`, `program_state.py`, `executor.py`) executes them against a backend and the
+tracer (`tracer.py`) records them.
 """
 
 from __future__ import annotations

@@ -20,8 +20,20 @@ import traceback as tb
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from radixlm.lang.chat_template import CHATML, ChatTemplate
-from radixlm.lang.ir import (ForkGroupSyntax, RoleSyntax, Constant, Expr, ExprList, Gen, RoleBegin, RoleEnd, Select, VarScopeBegin, VarScopeEnd,
-                             to_expr)
+from radixlm.lang.ir import (
+    Constant,
+    Expr,
+    ExprList,
+    ForkGroupSyntax,
+    Gen,
+    RoleBegin,
+    RoleEnd,
+    RoleSyntax,
+    Select,
+    VarScopeBegin,
+    VarScopeEnd,
+    to_expr,
+)
 
 _MARK_RE = re.compile("\x00rl:(arg|var):([^\x00]*)\x00")
 CONSTANT_KINDS = ("text", "role_begin", "role_end")

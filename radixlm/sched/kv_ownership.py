@@ -16,9 +16,9 @@ import torch
 from radixlm.core import Req
 
 if TYPE_CHECKING:
-    from radixlm.mem.radix_cache import MatchResult, RadixCache
     from radixlm.mem.allocator import TokenToKVPoolAllocator
     from radixlm.mem.kv_pool import ReqToTokenPool
+    from radixlm.mem.radix_cache import MatchResult, RadixCache
 from radixlm.mem.host_copy import to_device_int64
 
 

@@ -33,8 +33,16 @@ import pathlib
 import sys
 from typing import Any
 
-from radixlm.tools.tiny_tokenizer import (CHAT_TEMPLATE, EOS_TOKEN_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS,
-                                          get_tokenizer_json, special_tokens_map, tokenizer_config)
+from radixlm.tools.tiny_tokenizer import (
+    CHAT_TEMPLATE,
+    EOS_TOKEN_ID,
+    IM_END_ID,
+    IM_START_ID,
+    SPECIAL_TOKENS,
+    get_tokenizer_json,
+    special_tokens_map,
+    tokenizer_config,
+)
 
 __all__ = [
     "ARCHS",

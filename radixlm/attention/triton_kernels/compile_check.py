@@ -7,7 +7,8 @@ Runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bund
 extend, decode and KV-store kernels at the block sizes `triton_backend` picks, and for the layers'
 fused kernels (`radixlm.layers.triton_ops`: RMSNorm with and without the residual add at the hidden
 sizes and per head, SiLU-and-mul, rotary at the head dims) at the launch configs their wrappers pick,
-in bf16 and fp32, and prints one line per kernel with its shared memory use and whether it uses tensor cores. It catches what the CPU
+in bf16 and fp32, and prints one line per kernel with its shared memory use and whether it uses
+tensor cores. It catches what the CPU
 interpreter cannot: type errors in compiled mode, unsupported ops, and configurations that need
 more shared memory than the target has (sm_90: 227 KiB per block). Must run without
 TRITON_INTERPRET (it unsets it before importing triton).
@@ -65,7 +66,10 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource
 
     from radixlm.attention import triton_backend as tb
-    from radixlm.attention.triton_kernels import common, decode_attention as da, extend_attention as ea, kv_store as ks
+    from radixlm.attention.triton_kernels import common
+    from radixlm.attention.triton_kernels import decode_attention as da
+    from radixlm.attention.triton_kernels import extend_attention as ea
+    from radixlm.attention.triton_kernels import kv_store as ks
     from radixlm.layers.triton_ops import kernels as lk
     if common.INTERPRETED or lk.INTERPRETED:
         print("kernels were decorated for the interpreter; run in a fresh process without TRITON_INTERPRET")

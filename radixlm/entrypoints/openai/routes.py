@@ -17,7 +17,6 @@ from radixlm.entrypoints.openai.serving_chat import create_chat_completion
 from radixlm.entrypoints.openai.serving_completions import create_completion
 
 
-
 def register_openai_routes(app: FastAPI, tm) -> None:
     import time
 

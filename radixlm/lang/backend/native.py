@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from radixlm.lang.backend.base import BaseBackend, BackendError
+from radixlm.lang.backend.base import BackendError, BaseBackend
 from radixlm.lang.choices import ChoicesDecision, mean, resolve_method
 
 GREEDY_MAX_TEMPERATURE = 1e-5
