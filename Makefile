@@ -1,6 +1,6 @@
 # radixlm: two commands on a fresh machine.
 #   make serve   start the server on the built-in demo model (builds .venv and the model if needed)
-#   make test    run the test suite (builds .venv if needed)
+#   make test    lint (ruff) and run the test suite (builds .venv if needed)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= models/demo-qwen2-small
 PORT ?= 30000
 
-.PHONY: setup test test-all serve demo bench clean
+.PHONY: setup lint test test-all serve demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check radixlm tests
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 $(DEMO_MODEL)/config.json: $(STAMP)
