@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional
 
 from radixlm.server_args import ServerArgs, choices_of, cli_fields
 
-GROUP_HELP = {"limits": "Every limit is answered with a 4xx naming the field (docs/limits.md)."}
+GROUP_HELP = {"limits": "Every limit is answered with a 4xx naming the field (docs/limits.md).",
+              "parallelism": "Tensor parallelism (ranks of one model) and data parallelism (replicas behind "
+                             "sglang-router)."}
 
 
 def _base_type(annotation: Any) -> type:
@@ -33,10 +35,10 @@ def make_parser() -> argparse.ArgumentParser:
         if g is not None and g not in groups:
             groups[g] = p.add_argument_group(g, GROUP_HELP.get(g))
         target = p if g is None else groups[g]
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *m.get("aliases", ())]
         kind = _base_type(hints[name])
         if kind is bool:
-            target.add_argument(flag, action="store_true", help=m["help"])
+            target.add_argument(*flags, action="store_true", help=m["help"])
             continue
         kw: Dict[str, Any] = {"type": kind, "default": f.default, "help": m["help"]}
         if f.default is not None:
@@ -46,7 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
             kw["choices"] = list(choices)
         if name == "model_path":
             kw["required"] = True
-        target.add_argument(flag, **kw)
+        target.add_argument(*flags, dest=name, **kw)
     return p
 
 

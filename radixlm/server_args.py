@@ -47,12 +47,14 @@ def _tool_call_parsers():
 
 
 def opt(default: Any, help: str, *, choices: Optional[Choices] = None, ge: Optional[float] = None,
-        le: Optional[float] = None, group: Optional[str] = None, cli: bool = True, positive: bool = False):
+        le: Optional[float] = None, group: Optional[str] = None, cli: bool = True, positive: bool = False,
+        aliases: Tuple[str, ...] = ()):
     """A ServerArgs field: default, help text (flag's `--help`), choices, inclusive bounds
-    (`positive`: strictly above 0), argument group, and whether the command line has it."""
+    (`positive`: strictly above 0), argument group, whether the command line has it, and other
+    spellings of its flag (SGLang's aliases)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "ge": ge, "le": le, "group": group, "cli": cli,
-        "positive": positive})
+        "positive": positive, "aliases": aliases})
 
 
 def choices_of(f: dataclasses.Field) -> Optional[Tuple[str, ...]]:
@@ -108,6 +110,24 @@ class ServerArgs:
     disable_overlap_schedule: bool = opt(False, "Process each decode step's results before launching the "
                                                 "next, instead of while it computes (for debugging or "
                                                 "ablation). Overlap needs --page-size 1.")
+    enable_priority_scheduling: bool = opt(False, "Order waiting requests by their `priority` field first (higher "
+                                                  "values first), then by the schedule policy.")
+    schedule_low_priority_values_first: bool = opt(False, "With --enable-priority-scheduling: lower `priority` "
+                                                          "values go first.")
+    # parallelism (SGLang's names)
+    tp_size: int = opt(1, "Tensor parallelism: ranks one model is split across.", ge=1,
+                       aliases=("--tp", "--tensor-parallel-size"), group="parallelism")
+    dp_size: int = opt(1, "Data parallelism: replicas launched behind sglang-router (pip install sglang-router).",
+                       ge=1, aliases=("--dp", "--data-parallel-size"), group="parallelism")
+    nnodes: int = opt(1, "Nodes a tensor-parallel group spans.", ge=1, group="parallelism")
+    node_rank: int = opt(0, "This node's index among --nnodes.", ge=0, group="parallelism")
+    dist_init_addr: Optional[str] = opt(None, "host:port of rank 0 for torch.distributed (default: a free port on "
+                                              "127.0.0.1).", aliases=("--nccl-init-addr",), group="parallelism")
+    router_policy: str = opt("cache_aware", "sglang-router policy in front of --dp-size replicas.",
+                             choices=("cache_aware", "round_robin", "power_of_two", "random"), group="parallelism")
+    router_args: Optional[str] = opt(None, "Extra sglang-router flags, passed through as one string (e.g. "
+                                           "\"--cb-failure-threshold 10 --health-check-interval-secs 5\").",
+                                     group="parallelism")
     # structured generation and tool calls
     grammar_backend: str = opt("xgrammar", "Backend for regex / json_schema / ebnf constraints; none disables "
                                            "them.", choices=_grammar_backends)
@@ -161,6 +181,8 @@ class ServerArgs:
             object.__setattr__(self, "log_level", self.log_level.lower())
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not below nnodes ({self.nnodes})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
