@@ -28,7 +28,7 @@ from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.common import BadRequest
 from radixlm.entrypoints.openai.logprobs import chat_logprobs
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest
-from radixlm.entrypoints.openai.tool_parser import ToolCallParser, parse_tool_calls
+from radixlm.entrypoints.openai.tool_parser import ToolCallParser, parse_tool_calls, tool_call_deltas
 from radixlm.entrypoints.openai.tools import ToolSetup, prepare_tools
 from radixlm.managers.tokenizer_manager import ReqState, TokenizerManager
 
@@ -153,24 +153,7 @@ def _stream(tm: TokenizerManager, req: ChatCompletionRequest, setup: Optional[To
         p = parsers[i]
         if p is None:
             return [{"content": text}] if text else []
-        out: List[Dict[str, Any]] = []
-        for ev in p.feed(text) + (p.finish() if finished else []):
-            last = out[-1] if out else {}
-            if ev[0] == "text":
-                if "content" in last:
-                    last["content"] += ev[1]
-                else:
-                    out.append({"content": ev[1]})
-            elif ev[0] == "call":
-                out.append({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
-                                            "function": {"name": ev[3], "arguments": ""}}]})
-            elif ev[0] == "args":
-                tc = last.get("tool_calls", [{}])[0]
-                if "id" not in tc and tc.get("index") == ev[1]:
-                    tc["function"]["arguments"] += ev[2]
-                else:
-                    out.append({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
-        return out
+        return tool_call_deltas(p.feed(text) + (p.finish() if finished else []))
 
     def make_chunk(i: int, st: ReqState, delta: str, lp_from: int, lp_to: int, finish: Optional[str]):
         ds = deltas(i, delta, finish is not None)

@@ -1,4 +1,9 @@
-"""Tool calling for /v1/chat/completions: request checks and the grammar of forced calls.
+"""Tool calling for /v1/chat/completions: the request's tools and tool_choice, checked once.
+
+`prepare_tools` turns a request into a `ToolSetup` (the call format, the tools a call may name,
+parallel or not, and the forced-call grammar) or None when the output is not parsed for calls; every
+malformed field is a 400 naming it. The parsing itself is tool_parser.py, the formats tool_formats.py,
+the grammar tool_grammar.py.
 
 tool_choice (OpenAI's semantics, SGLang/vLLM behaviour):
   "none"                        the tools are rendered into the prompt, nothing is parsed;
@@ -9,13 +14,10 @@ tool_choice (OpenAI's semantics, SGLang/vLLM behaviour):
 Forced calls are written in the parser's own format (hermes: `<tool_call>\\n{"name": "f",
 "arguments": ARGS}\\n</tool_call>`, several joined by "\\n"; llama3: `{"name": "f", "parameters":
 ARGS}`, several joined by "; ") where ARGS follows xgrammar's grammar of the function's parameter
-schema (strict: no properties beyond those declared) as compact JSON: the separators are fixed
-(", ", ": ") and there is no free whitespace between tokens, whatever the server's JSON whitespace
-settings, so a weak model cannot spend its max_tokens on padding (they are jump-forwarded instead).
-The chosen tools' schemas are bounded by --max-grammar-bytes (400 naming tools) before any grammar
-is built.
-The grammar goes to the scheduler as an `ebnf` constraint, so the output always parses unless
-max_tokens or a stop string cuts it.
+schema as compact JSON: the separators are fixed (", ", ": ") and there is no free whitespace
+between tokens, whatever the server's JSON whitespace settings, so a weak model cannot spend its
+max_tokens on padding (they are jump-forwarded instead). The chosen tools' schemas are bounded by
+--max-grammar-bytes (400 naming tools) before any grammar is built.
 
 parallel_tool_calls (default true): false keeps only the first parsed call with "auto" and allows
 exactly one call with "required".
@@ -26,7 +28,6 @@ constraint wins: the output is returned as content and not parsed for calls.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from radixlm.entrypoints.openai.common import BadRequest
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest
-from radixlm.entrypoints.openai.tool_parser import tool_call_format
+from radixlm.entrypoints.openai.tool_formats import tool_call_format
+from radixlm.entrypoints.openai.tool_grammar import SchemaError, forced_call_ebnf
+
+__all__ = ["ToolSetup", "prepare_tools", "forced_call_ebnf"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-_ROOT_ALIAS = "radixlm_tool_call"
 
 
 @dataclass
@@ -48,44 +51,48 @@ class ToolSetup:
     ebnf: Optional[str]  # the forced-call grammar (tool_choice required / named), else None
 
 
-def _check_tools(tools: List[Dict[str, Any]]) -> List[Tuple[str, Dict[str, Any]]]:
+Spec = Tuple[str, Dict[str, Any]]  # (function name, parameters schema)
+
+
+def _check_tools(tools: List[Dict[str, Any]]) -> List[Spec]:
     """[(name, parameters schema)] of well-formed tools, else a 400 naming the field."""
-    out: List[Tuple[str, Dict[str, Any]]] = []
-    seen = set()
+    out: List[Spec] = []
     for i, tool in enumerate(tools):
-        where = f"tools.{i}"
-        if tool.get("type", "function") != "function":
-            raise BadRequest(f"{where}.type: only \"function\" tools are supported (got {tool.get('type')!r})",
-                             f"{where}.type")
-        fn = tool.get("function")
-        if not isinstance(fn, dict):
-            raise BadRequest(f"{where}.function is required (an object with name, description, parameters)",
-                             f"{where}.function")
-        name = fn.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise BadRequest(f"{where}.function.name is required: 1 to 64 letters, digits, '_' or '-' "
-                             f"(got {name!r})", f"{where}.function.name")
-        if name in seen:
-            raise BadRequest(f"{where}.function.name: {name!r} is defined twice", f"{where}.function.name")
-        seen.add(name)
-        desc = fn.get("description")
-        if desc is not None and not isinstance(desc, str):
-            raise BadRequest(f"{where}.function.description must be a string", f"{where}.function.description")
-        params = fn.get("parameters")
-        if params is None:
-            params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise BadRequest(f"{where}.function.parameters must be a JSON schema of type \"object\"",
-                             f"{where}.function.parameters")
-        if not isinstance(params.get("properties", {}), dict):
-            raise BadRequest(f"{where}.function.parameters.properties must be an object",
-                             f"{where}.function.parameters")
-        req = params.get("required", [])
-        if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
-            raise BadRequest(f"{where}.function.parameters.required must be a list of strings",
-                             f"{where}.function.parameters")
-        out.append((name, {"type": "object", **params}))
+        out.append(_check_tool(tool, f"tools.{i}", [n for n, _ in out]))
     return out
+
+
+def _check_tool(tool: Dict[str, Any], where: str, taken: List[str]) -> Spec:
+    if tool.get("type", "function") != "function":
+        raise BadRequest(f"{where}.type: only \"function\" tools are supported (got {tool.get('type')!r})",
+                         f"{where}.type")
+    fn = tool.get("function")
+    if not isinstance(fn, dict):
+        raise BadRequest(f"{where}.function is required (an object with name, description, parameters)",
+                         f"{where}.function")
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise BadRequest(f"{where}.function.name is required: 1 to 64 letters, digits, '_' or '-' "
+                         f"(got {name!r})", f"{where}.function.name")
+    if name in taken:
+        raise BadRequest(f"{where}.function.name: {name!r} is defined twice", f"{where}.function.name")
+    desc = fn.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise BadRequest(f"{where}.function.description must be a string", f"{where}.function.description")
+    return name, _check_parameters(fn.get("parameters"), f"{where}.function.parameters")
+
+
+def _check_parameters(params: Any, where: str) -> Dict[str, Any]:
+    if params is None:
+        params = {"type": "object", "properties": {}}
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise BadRequest(f"{where} must be a JSON schema of type \"object\"", where)
+    if not isinstance(params.get("properties", {}), dict):
+        raise BadRequest(f"{where}.properties must be an object", where)
+    req = params.get("required", [])
+    if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
+        raise BadRequest(f"{where}.required must be a list of strings", where)
+    return {"type": "object", **params}
 
 
 def _choice(req: ChatCompletionRequest, names: List[str]) -> Tuple[str, Optional[str]]:
@@ -128,13 +135,24 @@ def prepare_tools(req: ChatCompletionRequest, server_args, chat_template: Any,
     parallel = req.parallel_tool_calls is not False
     if choice == "auto":
         return None if has_constraint else ToolSetup(fmt, names, parallel, None)
-    if has_constraint:
-        raise BadRequest(f"tool_choice {json.dumps(req.tool_choice)} forces a tool call, which conflicts with "
-                         "response_format / regex / json_schema / ebnf", "response_format")
-    if getattr(server_args, "grammar_backend", "xgrammar") == "none":
-        raise BadRequest(f"tool_choice {json.dumps(req.tool_choice)} forces a tool call, which needs constrained "
-                         "decoding; it is disabled (--grammar-backend none)", "tool_choice")
+    _check_forced(req, server_args, has_constraint)
     chosen = [(n, s) for n, s in specs if named is None or n == named]
+    parallel = parallel and named is None
+    return ToolSetup(fmt, [n for n, _ in chosen], parallel, _forced_grammar(fmt, chosen, parallel, names, server_args))
+
+
+def _check_forced(req: ChatCompletionRequest, server_args, has_constraint: bool) -> None:
+    """A forced call needs the grammar backend and no other constraint."""
+    forces = f"tool_choice {json.dumps(req.tool_choice)} forces a tool call, which"
+    if has_constraint:
+        raise BadRequest(f"{forces} conflicts with response_format / regex / json_schema / ebnf", "response_format")
+    if getattr(server_args, "grammar_backend", "xgrammar") == "none":
+        raise BadRequest(f"{forces} needs constrained decoding; it is disabled (--grammar-backend none)",
+                         "tool_choice")
+
+
+def _forced_grammar(fmt: str, chosen: List[Spec], parallel: bool, names: List[str], server_args) -> str:
+    """The EBNF of the forced call(s) of the `chosen` tools, within --max-grammar-bytes."""
     key = json.dumps(chosen, sort_keys=True)
     limit = getattr(server_args, "max_grammar_bytes", None)
     size = len(key.encode("utf-8", "replace"))
@@ -142,61 +160,8 @@ def prepare_tools(req: ChatCompletionRequest, server_args, chat_template: Any,
         raise BadRequest(f"tools: the parameter schemas of the forced call(s) are {size} bytes; at most {limit} "
                          "(--max-grammar-bytes)", "tools")
     try:
-        ebnf = forced_call_ebnf(fmt, key, parallel and named is None, False, None)
-    except _SchemaError as e:
+        return forced_call_ebnf(fmt, key, parallel, False, None)
+    except SchemaError as e:
         i = names.index(e.name)
         raise BadRequest(f"tools.{i}.function.parameters: the schema cannot be turned into a grammar: {e}",
                          f"tools.{i}.function.parameters") from None
-    return ToolSetup(fmt, [n for n, _ in chosen], parallel and named is None, ebnf)
-
-
-class _SchemaError(ValueError):
-    def __init__(self, name: str, msg: str):
-        super().__init__(msg)
-        self.name = name
-
-
-def _ebnf_literal(s: str) -> str:
-    return json.dumps(s)  # JSON string escapes (\", \\, \n, \uXXXX) read the same in xgrammar's EBNF
-
-
-@functools.lru_cache(maxsize=64)
-def forced_call_ebnf(fmt: str, functions_json: str, parallel: bool, any_whitespace: bool,
-                     max_whitespace: Optional[int]) -> str:
-    """EBNF (xgrammar dialect, `root` rule) of one call, or of one or more calls when `parallel`, of
-    the functions [(name, parameters schema)] given as JSON, in the call format `fmt`."""
-    import xgrammar as xgr
-
-    from radixlm.constrained import bounded_strings_as_patterns
-
-    def lit(s: str):
-        return xgr.Grammar.from_ebnf(f"root ::= {_ebnf_literal(s)}")
-
-    arg_key, sep = ("arguments", "\n") if fmt == "hermes" else ("parameters", "; ")
-    calls = []
-    for name, schema in json.loads(functions_json):
-        head = '{"name": ' + json.dumps(name) + ', "' + arg_key + '": '
-        head, tail = ("<tool_call>\n" + head, "}\n</tool_call>") if fmt == "hermes" else (head, "}")
-        try:
-            # as for json_schema constraints: length-bounded strings become patterns (xgrammar lets
-            # control characters into them), keywords the backend would not enforce are refused
-            schema = bounded_strings_as_patterns(schema)
-            args = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=any_whitespace,
-                                                max_whitespace_cnt=max_whitespace)
-        except Exception as e:  # noqa: BLE001 - xgrammar raises several types for unsupported schemas
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            msg = re.sub(r"^json_schema: ", "", re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg))
-            raise _SchemaError(name, msg) from None
-        calls.append(xgr.Grammar.concat(lit(head), args, lit(tail)))
-    one = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
-    text = str(one)
-    if not parallel:
-        return text
-    # root ::= call (SEP call)*: the combinators made a fresh `root` that nothing else refers to
-    lines = text.splitlines()
-    roots = [i for i, line in enumerate(lines) if line.startswith("root ::= ")]
-    if len(roots) != 1 or _ROOT_ALIAS in text:
-        raise RuntimeError("unexpected grammar text from xgrammar")
-    lines[roots[0]] = f"{_ROOT_ALIAS} ::= " + lines[roots[0]][len("root ::= "):]
-    lines.insert(0, f"root ::= {_ROOT_ALIAS} ({_ebnf_literal(sep)} {_ROOT_ALIAS})*")
-    return "\n".join(lines) + "\n"
