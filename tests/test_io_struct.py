@@ -1,7 +1,8 @@
 """The IPC codec (`io_struct.encode`/`decode`): every registered message survives a round trip with
-non-trivial field values (nested ReqOutput/FinishReason included), and the codec refuses anything that
-is not a registered message in both directions (a stray object is never sent, and a pickle that names
-a non-whitelisted callable/class is never executed)."""
+non-trivial field values (nested ReqOutput/FinishReason/SamplingParams included), and the codec refuses
+anything that is not a registered message in both directions (a stray object is never sent, and a
+pickle that names a non-whitelisted callable/class is never executed). A request's SamplingParams goes
+from RequestBuilder through the codec to the scheduler's Req as one typed object (`to_req`)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,23 @@ import pickle
 import pytest
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.sampling_params import SamplingParams
 from radixlm.managers import io_struct
-from radixlm.managers.io_struct import (AbortReq, BatchStrOut, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
-                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
-                                        SchedulerReady, StrOut, TokenizedGenerateReqInput, decode,
-                                        encode)
+from radixlm.managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    BatchTokenIDOut,
+    DetokenizeParams,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    SchedulerReady,
+    StrOut,
+    TokenizedGenerateReqInput,
+    decode,
+    encode,
+)
+from radixlm.sampling_params import SamplingParams
 
 
 def _out(rid: str, reason, lps: bool = True) -> ReqOutput:
@@ -30,7 +42,8 @@ def _out(rid: str, reason, lps: bool = True) -> ReqOutput:
 
 def _samples():
     sp = SamplingParams(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=20, stop=["\n\n", "END"],
-                        stop_token_ids=[0, 2], sampling_seed=1234, logit_bias={"5": -100.0}).to_dict()
+                        stop_token_ids=[0, 2], sampling_seed=1234, logit_bias={"5": -100.0},
+                        json_schema={"type": "object", "properties": {"a": {"type": "string"}}})
     detok = DetokenizeParams(skip_special_tokens=False, spaces_between_special_tokens=False, no_stop_trim=True,
                              stop=["</s>", "ü∑"])
     return {
@@ -83,6 +96,8 @@ def test_round_trip(cls):
         assert all(type(p) is DetokenizeParams for p in back.detok_params)
     if isinstance(back, BatchStrOut):
         assert all(type(i) is StrOut and type(i.output) is ReqOutput for i in back.items)
+    if isinstance(back, TokenizedGenerateReqInput):
+        assert type(back.sampling_params) is SamplingParams
     # a second trip is stable too
     assert decode(encode(back)) == msg
 
@@ -146,3 +161,71 @@ def test_decode_rejects_garbage():
 def test_decode_rejects_top_level_non_message(obj):
     with pytest.raises((pickle.UnpicklingError, TypeError)):
         decode(pickle.dumps(obj))
+
+
+# ------------------------------------------------------------------ SamplingParams end to end
+def _built(sp_dict, n_prompts=1):
+    from radixlm.managers.request_builder import RequestBuilder
+
+    builder = RequestBuilder(None, vocab_size=600, context_len=64, grammar_backend="none")
+    msgs, _ = builder.build(input_ids=[[5, 6, 7]] * n_prompts if n_prompts > 1 else [5, 6, 7],
+                            sampling_params=sp_dict)
+    return msgs
+
+
+def test_sampling_params_cross_the_codec_as_one_typed_object():
+    from radixlm.managers.io_struct import to_req
+
+    msgs = _built({"temperature": 0.7, "top_k": 5, "stop": "END", "stop_token_ids": [3], "n": 2,
+                   "sampling_seed": 11, "max_new_tokens": 8})
+    assert len(msgs) == 2 and all(type(m.sampling_params) is SamplingParams for m in msgs)
+    sp = msgs[0].sampling_params
+    assert msgs[1].sampling_params is sp  # one prompt, one verified object for its n samples
+    for m in msgs:
+        back = decode(encode(m))
+        assert type(back.sampling_params) is SamplingParams and back.sampling_params == sp
+        req = to_req(back)
+        assert type(req.sampling_params) is SamplingParams and req.sampling_params == sp
+        assert req.sampling_params is not back.sampling_params  # the Req's own copy
+        assert req.rid == m.rid and req.origin_input_ids == [5, 6, 7]
+    # in-process (no codec): each sample's Req still gets its own copy, the message stays untouched
+    reqs = [to_req(m) for m in msgs]
+    reqs[0].sampling_params.max_new_tokens = 1
+    assert reqs[1].sampling_params.max_new_tokens == sp.max_new_tokens == 8
+    # the n samples: seeds sampling_seed + i
+    a, b = (torch_first(r) for r in reqs)
+    assert a != b
+
+
+def torch_first(req) -> float:
+    import torch
+
+    return float(torch.rand(1, generator=req.generator))
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 1}, {"bogus": 1}, None, "x"], ids=repr)
+def test_to_req_refuses_sampling_params_that_are_not_the_typed_object(bad):
+    from radixlm.managers.io_struct import to_req
+
+    msg = decode(encode(TokenizedGenerateReqInput(rid="r", input_ids=[1, 2], sampling_params=bad)))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        to_req(msg)
+
+
+def test_to_req_verifies_sampling_params_from_another_process():
+    from radixlm.managers.io_struct import to_req
+
+    sp = SamplingParams(max_new_tokens=4)
+    sp.temperature = -1.0  # what a foreign sender could put into a pickled message
+    msg = decode(encode(TokenizedGenerateReqInput(rid="r", input_ids=[1, 2], sampling_params=sp)))
+    with pytest.raises(ValueError, match="temperature"):
+        to_req(msg)
+
+
+def test_sampling_params_payload_cannot_smuggle_a_callable(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    sp = SamplingParams(max_new_tokens=4, stop=[_Evil(str(victim))])  # type: ignore[list-item]
+    with pytest.raises(pickle.UnpicklingError):
+        decode(pickle.dumps(TokenizedGenerateReqInput(rid="r", input_ids=[1], sampling_params=sp)))
+    assert victim.exists()

@@ -3,7 +3,8 @@
 Owns per-request decode state. UTF-8 safe (a byte-level token that ends inside a multi-byte
 character is held until the character completes), honours skip_special_tokens, and holds back the
 last few characters while a stop string could still be forming so that a stop string never
-reaches the client; at the end the text is trimmed before the matched stop string.
+reaches the client; at the end the text is trimmed before the matched stop string. Configured by a
+request's `DetokenizeParams` (the four sampling fields that shape its text).
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from radixlm.core import FinishReason
-from radixlm.sampling_params import SamplingParams
+from radixlm.managers.io_struct import DetokenizeParams
 
 # Re-decode this many tokens before the new ones so that merges at the boundary come out right.
 _CONTEXT_TOKENS = 5
 
 
-def trim_stop(text: str, reason: Optional[FinishReason], sp: SamplingParams) -> str:
+def trim_stop(text: str, reason: Optional[FinishReason], params: DetokenizeParams) -> str:
     """Final text: cut before a matched stop string (unless no_stop_trim)."""
-    if reason is None or reason.type != "stop" or sp.no_stop_trim:
+    if reason is None or reason.type != "stop" or params.no_stop_trim:
         return text
     if isinstance(reason.matched, str):
         idx = text.find(reason.matched)
@@ -31,23 +32,23 @@ def trim_stop(text: str, reason: Optional[FinishReason], sp: SamplingParams) -> 
 @dataclass
 class IncrementalDetokenizer:
     tokenizer: object
-    sampling_params: SamplingParams
+    params: DetokenizeParams
     ids: List[int] = field(default_factory=list)
     text: str = ""  # confirmed text of ids[:read_offset]
     read_offset: int = 0
     sent: int = 0  # characters already handed out
 
     def _decode(self, ids: List[int]) -> str:
-        sp = self.sampling_params
-        return self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens,
-                                     spaces_between_special_tokens=sp.spaces_between_special_tokens)
+        p = self.params
+        return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens,
+                                     spaces_between_special_tokens=p.spaces_between_special_tokens)
 
     def add(self, new_ids: List[int], reason: Optional[FinishReason] = None) -> str:
         """Feeds new tokens; returns the text delta that is safe to show now."""
-        sp = self.sampling_params
+        p = self.params
         ids = list(new_ids)
         if reason is not None and reason.type == "stop" and isinstance(reason.matched, int) \
-                and not sp.no_stop_trim and ids and ids[-1] == reason.matched:
+                and not p.no_stop_trim and ids and ids[-1] == reason.matched:
             ids = ids[:-1]  # the matched stop token is not part of the text
         self.ids.extend(ids)
         ctx = max(self.read_offset - _CONTEXT_TOKENS, 0)
@@ -57,12 +58,12 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix):]
             self.read_offset = len(self.ids)
         if reason is not None:
-            final = trim_stop(self.text, reason, sp)
+            final = trim_stop(self.text, reason, p)
             delta = final[self.sent:]
             self.sent = len(final)
             self.text = final
             return delta
-        hold = max((len(s) for s in sp.stop_strs), default=1) - 1
+        hold = max((len(s) for s in p.stop or ()), default=1) - 1
         visible = len(self.text) - hold
         if visible <= self.sent:
             return ""

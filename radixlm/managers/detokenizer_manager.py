@@ -1,8 +1,10 @@
-"""DetokenizerManager: the child process that turns token ids into text.
+"""DetokenizerManager: turns token ids into text, in its own child process (the server) or in-process
+(the offline Engine, one per generate call).
 
-In: `BatchTokenIDOut` from the scheduler. Out: `BatchStrOut` to the tokenizer manager, one
-`StrOut` per request output with the UTF-8-safe text delta (see detokenizer.py). Owns one
-IncrementalDetokenizer per live request and drops it when the request finishes.
+In: `BatchTokenIDOut` from the scheduler (or one ReqOutput with its DetokenizeParams). Out:
+`BatchStrOut` to the tokenizer manager, one `StrOut` per request output with the UTF-8-safe text
+delta (see detokenizer.py). Owns one IncrementalDetokenizer per live request and drops it when the
+request finishes.
 Nothing that arrives is fatal: an undecodable message or one of another type is logged and
 dropped, and a request whose text cannot be decoded still gets its tokens and finish reason
 (with an empty text delta), so its client is answered instead of waiting forever.
@@ -13,10 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Dict
 
-from radixlm.sampling_params import SamplingParams
+from radixlm.core import ReqOutput
 from radixlm.managers.detokenizer import IncrementalDetokenizer
-from radixlm.managers.io_struct import (BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode_or_drop,
-                                        encode)
+from radixlm.managers.io_struct import BatchStrOut, BatchTokenIDOut, DetokenizeParams, StrOut, decode_or_drop, encode
 
 logger = logging.getLogger(__name__)
 
@@ -26,28 +27,23 @@ class DetokenizerManager:
         self.tokenizer = tokenizer
         self.states: Dict[str, IncrementalDetokenizer] = {}
 
-    def _state(self, rid: str, p: DetokenizeParams) -> IncrementalDetokenizer:
-        st = self.states.get(rid)
-        if st is None:
-            sp = SamplingParams(skip_special_tokens=p.skip_special_tokens,
-                                spaces_between_special_tokens=p.spaces_between_special_tokens,
-                                no_stop_trim=p.no_stop_trim, stop=p.stop or None)
-            st = self.states[rid] = IncrementalDetokenizer(self.tokenizer, sp)
-        return st
+    def detokenize(self, out: ReqOutput, params: DetokenizeParams) -> StrOut:
+        """One request output with its text delta ("" without a tokenizer, or when decoding fails)."""
+        delta = ""
+        if self.tokenizer is not None:
+            try:
+                st = self.states.get(out.rid)
+                if st is None:
+                    st = self.states[out.rid] = IncrementalDetokenizer(self.tokenizer, params)
+                delta = st.add(out.new_token_ids, out.finished_reason)
+            except Exception:  # noqa: BLE001 - one request's text is lost, not the process
+                logger.exception("detokenizing request %r failed; its text delta is dropped", out.rid)
+        if out.finished_reason is not None:
+            self.states.pop(out.rid, None)
+        return StrOut(out.rid, delta, out)
 
     def handle(self, batch: BatchTokenIDOut) -> BatchStrOut:
-        items = []
-        for out, p in zip(batch.outputs, batch.detok_params):
-            delta = ""
-            if self.tokenizer is not None:
-                try:
-                    delta = self._state(out.rid, p).add(out.new_token_ids, out.finished_reason)
-                except Exception:  # noqa: BLE001 - one request's text is lost, not the process
-                    logger.exception("detokenizing request %r failed; its text delta is dropped", out.rid)
-            if out.finished_reason is not None:
-                self.states.pop(out.rid, None)
-            items.append(StrOut(out.rid, delta, out))
-        return BatchStrOut(items)
+        return BatchStrOut([self.detokenize(out, p) for out, p in zip(batch.outputs, batch.detok_params)])
 
 
 def run_detokenizer_process(args, ipc, parent_pid: int) -> None:

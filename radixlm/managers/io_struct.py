@@ -7,23 +7,28 @@ Flow: TokenizerManager --TokenizedGenerateReqInput/AbortReq/...--> Scheduler
 `IPCDecodeError`, so a stray object can never be mistaken for a message. Receivers use
 `decode_or_drop`: a message that fails to decode is logged and dropped, never fatal to the process.
 Control requests carry a `req_id` that their reply echoes, so a late reply never answers a newer request.
+A request's `SamplingParams` travels as the one typed object from RequestBuilder to the scheduler's
+`Req` (`to_req`); the codec admits it (and only the classes listed in `_ALLOWED`) inside a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from radixlm.core import FinishReason, ReqOutput
+from radixlm.sampling_params import SamplingParams
 
 
 @dataclass
 class TokenizedGenerateReqInput:
     rid: str
     input_ids: List[int]
-    sampling_params: Dict[str, Any]  # verified SamplingParams.to_dict(); max_new_tokens resolved
+    sampling_params: SamplingParams  # verified by RequestBuilder; max_new_tokens resolved
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
@@ -101,7 +106,7 @@ class BatchStrOut:
 
 MESSAGE_TYPES = (TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
                  GetInternalStateReqOutput, SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
-_ALLOWED = {f"{c.__module__}.{c.__qualname__}" for c in MESSAGE_TYPES + (ReqOutput, FinishReason)}
+_ALLOWED = {f"{c.__module__}.{c.__qualname__}" for c in MESSAGE_TYPES + (ReqOutput, FinishReason, SamplingParams)}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -122,8 +127,6 @@ class IPCDecodeError(pickle.UnpicklingError):
 
 
 def decode(data: bytes) -> Any:
-    import io
-
     try:
         msg = _Unpickler(io.BytesIO(data)).load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the same error to a receiver
@@ -143,13 +146,17 @@ def decode_or_drop(data: bytes, receiver: str, log: Optional[logging.Logger] = N
 
 
 def to_req(msg: TokenizedGenerateReqInput):
-    """The scheduler-side Req for a tokenized request (same in-process and in the scheduler process)."""
+    """The scheduler-side Req for a tokenized request (same in-process and in the scheduler process).
+    The Req gets its own copy of the sampling params (the scheduler may cap max_new_tokens), checked
+    again: a message from another process is not trusted to hold a verified SamplingParams."""
     import torch
 
     from radixlm.core import Req
-    from radixlm.sampling_params import SamplingParams
 
-    sp = SamplingParams(**msg.sampling_params)
+    if type(msg.sampling_params) is not SamplingParams:
+        raise TypeError(f"sampling_params must be a SamplingParams, got {type(msg.sampling_params).__name__}")
+    sp = dataclasses.replace(msg.sampling_params)
+    sp.verify()
     req = Req(msg.rid, list(msg.input_ids), sp, msg.return_logprob, msg.top_logprobs_num)
     req.logprob_start_len = msg.logprob_start_len
     if sp.sampling_seed is not None:
@@ -157,5 +164,5 @@ def to_req(msg: TokenizedGenerateReqInput):
     return req
 
 
-def detok_params_of(sp) -> DetokenizeParams:
+def detok_params_of(sp: SamplingParams) -> DetokenizeParams:
     return DetokenizeParams(sp.skip_special_tokens, sp.spaces_between_special_tokens, sp.no_stop_trim, sp.stop_strs)

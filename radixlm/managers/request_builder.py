@@ -8,7 +8,8 @@ Owns the request limits (`RequestLimits`, from the server's --max-* flags): prom
 time its syntax check may take. Cheap checks come first: a batch's size, a text's length against the
 context (before tokenizing it), lone UTF-16 surrogates (which no tokenizer can encode), then the
 tokens, then the grammar. `build` may block (tokenizing, the grammar check): servers call it off
-their event loop.
+their event loop. Each message carries its prompt's verified `SamplingParams` object (the n samples
+of a prompt share it; messages are read-only, and the scheduler's Req gets its own copy).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
-from radixlm.sampling_params import SamplingParams
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
+from radixlm.sampling_params import SamplingParams
 
 _GRAMMAR_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
 
@@ -162,7 +163,7 @@ class RequestBuilder:
                                  f"tokens ({len(ids)})")
             for i in range(sp.n):
                 msgs.append(TokenizedGenerateReqInput(
-                    rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp.to_dict(),
+                    rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp,
                     return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
                     logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i))
         if len({m.rid for m in msgs}) != len(msgs):

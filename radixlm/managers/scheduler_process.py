@@ -18,10 +18,21 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.managers.io_struct import (AbortReq, BatchTokenIDOut, DetokenizeParams, FlushCacheReq,
-                                        FlushCacheReqOutput, GetInternalStateReq, GetInternalStateReqOutput,
-                                        SchedulerReady, TokenizedGenerateReqInput, decode_or_drop, detok_params_of,
-                                        encode, to_req)
+from radixlm.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    DetokenizeParams,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    SchedulerReady,
+    TokenizedGenerateReqInput,
+    decode_or_drop,
+    detok_params_of,
+    encode,
+    to_req,
+)
 from radixlm.server_args import ServerArgs, derive_config
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """TokenizerManager: the server's side of the runtime, in the main (asyncio) process.
 
 Owns the tokenizer, request validation (RequestBuilder), the ZeroMQ sockets to the scheduler
-process and from the detokenizer process, and one `ReqState` per in-flight request. HTTP handlers
-call `generate(obj)` and iterate; the receive loop fills each request's state from `BatchStrOut`s.
+process and from the detokenizer process, and one `ReqState` (req_state.py, shared with the offline
+Engine) per in-flight request. HTTP handlers `build`, `submit`, then `wait_all` or iterate `stream`;
+the receive loop folds each `BatchStrOut` item into its request's state.
 It also starts and watches the two child processes: when the scheduler dies, or the receive loop
 itself stops, every waiting client gets an error (503) and the server shuts down instead of hanging.
 A message that fails to decode, or one of an unexpected type, is logged and dropped, never fatal.
@@ -15,21 +16,29 @@ check behind /health.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
 import tempfile
-import itertools
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
-from radixlm.core import FinishReason
-from radixlm.managers.io_struct import (AbortReq, BatchStrOut, FlushCacheReq, FlushCacheReqOutput,
-                                        GetInternalStateReq, GetInternalStateReqOutput, SchedulerReady,
-                                        TokenizedGenerateReqInput, decode_or_drop, encode)
+from radixlm.managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    SchedulerReady,
+    TokenizedGenerateReqInput,
+    decode_or_drop,
+    encode,
+)
+from radixlm.managers.req_state import ReqState
 from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.scheduler_process import IPCNames
 from radixlm.server_args import ServerArgs
@@ -43,52 +52,6 @@ EXIT_DELAY_S = 1.0  # after a fatal runtime failure: time to answer the pending 
 
 class ServiceUnavailable(RuntimeError):
     """The runtime cannot take requests (scheduler gone, shutting down, queue full): HTTP 503."""
-
-
-@dataclass
-class ReqState:
-    msg: TokenizedGenerateReqInput
-    created: float = field(default_factory=time.perf_counter)
-    text: str = ""
-    output_ids: List[int] = field(default_factory=list)
-    logprobs: List[Any] = field(default_factory=list)
-    top_logprobs: List[Any] = field(default_factory=list)
-    input_logprobs: Optional[List[Any]] = None
-    input_top_logprobs: Optional[List[Any]] = None
-    finished_reason: Optional[FinishReason] = None
-    cached_tokens: int = 0
-    num_retractions: int = 0
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    error: Optional[BaseException] = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finished_reason is not None or self.error is not None
-
-    def to_dict(self, return_text_in_logprobs: bool = False, decode_one=None) -> Dict[str, Any]:
-        meta: Dict[str, Any] = {
-            "id": self.msg.rid,
-            "finish_reason": self.finished_reason.to_json() if self.finished_reason else None,
-            "prompt_tokens": len(self.msg.input_ids),
-            "completion_tokens": len(self.output_ids),
-            "cached_tokens": self.cached_tokens,
-        }
-        if self.finished:
-            meta["e2e_latency"] = time.perf_counter() - self.created
-        if self.num_retractions:
-            meta["num_retractions"] = self.num_retractions
-        if self.msg.return_logprob:
-            def txt(t):
-                return decode_one(t) if return_text_in_logprobs and decode_one else None
-            meta["output_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.logprobs]
-            if self.msg.top_logprobs_num > 0:
-                meta["output_top_logprobs"] = [[[v, t, txt(t)] for v, t in tops] for tops in self.top_logprobs]
-            # prompt logprobs: empty unless logprob_start_len asked for them (newer SGLang's shape)
-            meta["input_token_logprobs"] = [[lp, t, txt(t)] for lp, t in self.input_logprobs or []]
-            if self.msg.top_logprobs_num > 0:
-                meta["input_top_logprobs"] = [None if tops is None else [[v, t, txt(t)] for v, t in tops]
-                                              for tops in self.input_top_logprobs or []]
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
 
 
 class TokenizerManager:
@@ -211,8 +174,7 @@ class TokenizerManager:
         logger.error("runtime failure: %s; failing in-flight requests and shutting down", reason)
         self.dead_reason = reason
         for st in self.states.values():
-            st.error = ServiceUnavailable(f"the runtime is unavailable: {reason}")
-            st.event.set()
+            st.fail(ServiceUnavailable(f"the runtime is unavailable: {reason}"))
         for fut in self.control_waiters.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable(f"the runtime is unavailable: {reason}"))
@@ -243,21 +205,8 @@ class TokenizerManager:
         if isinstance(msg, BatchStrOut):
             for item in msg.items:
                 st = self.states.get(item.rid)
-                if st is None:
-                    continue
-                out = item.output
-                st.text += item.text_delta
-                st.output_ids.extend(out.new_token_ids)
-                st.cached_tokens = out.cached_tokens
-                st.num_retractions = out.num_retractions
-                if out.input_token_logprobs is not None:
-                    st.input_logprobs, st.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
-                if out.new_logprobs:
-                    st.logprobs.extend(zip(out.new_logprobs, out.new_token_ids))
-                    st.top_logprobs.extend(out.new_top_logprobs or [])
-                if out.finished_reason is not None:
-                    st.finished_reason = out.finished_reason
-                st.event.set()
+                if st is not None:
+                    st.absorb(item)
         elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
             fut = self.control_waiters.pop(msg.req_id, None)
             if fut is None:
