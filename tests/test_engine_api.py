@@ -109,6 +109,66 @@ def test_stream_batch_uses_index(eng):
     assert seen == {0, 1}
 
 
+# ---------------------------------------------------------------------------------- result shape
+META_HEAD = ["id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens"]
+
+
+def test_result_has_the_servers_shape(eng):
+    """Engine and server build results with the same ReqState: SGLang's meta_info keys in SGLang's
+    order, (logprob, id, text) entries, top logprobs only when asked for, e2e_latency once finished."""
+    p = prompts_for(3, [7], 515)[0]
+    sp = {**GREEDY, "max_new_tokens": 4}
+    plain = eng.generate(input_ids=p, sampling_params=sp)["meta_info"]
+    assert list(plain) == META_HEAD + ["e2e_latency"]
+    m = eng.generate(input_ids=p, sampling_params=sp, return_logprob=True)["meta_info"]
+    assert list(m) == META_HEAD + ["e2e_latency", "output_token_logprobs", "input_token_logprobs"]
+    assert all(type(e) is tuple and len(e) == 3 and e[2] is None for e in m["output_token_logprobs"])
+    m = eng.generate(input_ids=p, sampling_params=sp, return_logprob=True, top_logprobs_num=2,
+                     logprob_start_len=0)["meta_info"]
+    assert list(m) == META_HEAD + ["e2e_latency", "output_token_logprobs", "output_top_logprobs",
+                                   "input_token_logprobs", "input_top_logprobs"]
+    assert len(m["output_top_logprobs"]) == 4 and all(len(t) == 2 for t in m["output_top_logprobs"])
+    assert len(m["input_token_logprobs"]) == len(p) and m["input_top_logprobs"][0] is None
+    chunks = list(eng.generate(input_ids=p, sampling_params=sp, stream=True))
+    assert all("e2e_latency" not in c["meta_info"] for c in chunks[:-1])
+    assert chunks[-1]["meta_info"]["e2e_latency"] > 0
+
+
+def test_req_state_folds_outputs_into_sglangs_result():
+    from radixlm.core import FinishReason, ReqOutput
+    from radixlm.managers.io_struct import StrOut, TokenizedGenerateReqInput
+    from radixlm.managers.req_state import ReqState
+    from radixlm.sampling_params import SamplingParams
+
+    msg = TokenizedGenerateReqInput("r1", [4, 5, 6], SamplingParams(max_new_tokens=3), return_logprob=True,
+                                    top_logprobs_num=1, logprob_start_len=1)
+    st = ReqState(msg)
+    first = ReqOutput("r1", [7, 8], None, 3, 2, cached_tokens=2, new_logprobs=[-0.5, -1.0],
+                      new_top_logprobs=[[(-0.5, 7)], [(-1.0, 8)]], input_token_logprobs=[(-2.0, 5), (-3.0, 6)],
+                      input_top_logprobs=[None, [(-3.0, 6)]])
+    st.absorb(StrOut("r1", "ab", first))
+    assert not st.finished and st.event.is_set()
+    d = st.to_dict()
+    assert d["text"] == "ab" and d["output_ids"] == [7, 8] and "e2e_latency" not in d["meta_info"]
+    st.absorb(StrOut("r1", "c", ReqOutput("r1", [9], FinishReason("length", length=3), 3, 3, cached_tokens=2,
+                                          new_logprobs=[-0.25], new_top_logprobs=[[(-0.25, 9)]],
+                                          num_retractions=1)))
+    assert st.finished
+    d = st.to_dict(True, lambda t: f"<{t}>")
+    m = d["meta_info"]
+    assert d["text"] == "abc" and d["output_ids"] == [7, 8, 9]
+    assert m["finish_reason"] == {"type": "length", "length": 3} and m["num_retractions"] == 1
+    assert (m["prompt_tokens"], m["completion_tokens"], m["cached_tokens"]) == (3, 3, 2)
+    assert m["output_token_logprobs"] == [(-0.5, 7, "<7>"), (-1.0, 8, "<8>"), (-0.25, 9, "<9>")]
+    assert m["output_top_logprobs"][2] == [(-0.25, 9, "<9>")]
+    assert m["input_token_logprobs"] == [(-2.0, 5, "<5>"), (-3.0, 6, "<6>")]
+    assert m["input_top_logprobs"] == [None, [(-3.0, 6, "<6>")]]
+    assert json.loads(json.dumps(d))["meta_info"]["output_token_logprobs"][0] == [-0.5, 7, "<7>"]
+    other = ReqState(msg)
+    other.fail(RuntimeError("gone"))
+    assert other.finished and isinstance(other.error, RuntimeError) and other.finished_reason is None
+
+
 # ---------------------------------------------------------------------------------- asyncio
 def test_async_generate_plain_and_stream(eng):
     prompt = "Hello world, this is"
