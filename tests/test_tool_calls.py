@@ -5,6 +5,7 @@ streamed tool-call deltas, a multi-turn conversation with tool results, and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -172,6 +173,72 @@ def test_tool_call_parser_flag():
     with pytest.raises(ValueError, match="tool_call_parser"):
         ServerArgs(model_path="m", tool_call_parser="mistral")
 
+
+
+LLAMA3_TEXT = ('Sure. <|python_tag|>{"name": "get_weather", "parameters": {"city": "Ro;me", "days": 3}} ; '
+               '{"name": "set_alarm", "arguments": "{\\"hour\\": 6, \\"loud\\": false}"}  ')
+SPLIT_CASES = [(HERMES_TEXT, "hermes"), (LLAMA3_TEXT, "llama3"),
+               ('  {"name": "set_alarm", "parameters": {"hour": 1, "loud": true}}; tail', "llama3"),
+               ('Héllo ☃ <tool_call>{"name": "book_trip", "arguments": null}</tool_call> \n<tool_', "hermes"),
+               ('<tool_call>{"name": "rm", "arguments": {}}</tool_call>\n<tool_call>{"name": "set_alarm"}', "hermes")]
+
+
+@pytest.mark.parametrize("text,fmt", SPLIT_CASES)
+def test_stream_split_anywhere_equals_whole_text(text, fmt):
+    """Cut at every character boundary (one cut, and one character per piece), the stream gives the
+    same content and calls as the whole text at once, and each event is well formed."""
+    for parallel in (True, False):
+        content, calls = non_stream(text, fmt, NAMES, parallel)
+        splits = [[text[:k], text[k:]] for k in range(len(text) + 1)] + [list(text)]
+        for pieces in splits:
+            p = ToolCallParser(fmt, NAMES, parallel)
+            events = [ev for piece in pieces for ev in p.feed(piece)] + p.finish()
+            assert all(ev[-1] for ev in events if ev[0] in ("text", "args")), events  # never empty
+            got = {ev[1]: [ev[3], ""] for ev in events if ev[0] == "call"}
+            for ev in events:
+                if ev[0] == "args":
+                    got[ev[1]][1] += ev[2]
+            assert [tuple(got[k]) for k in sorted(got)] == calls, pieces
+            assert "".join(ev[1] for ev in events if ev[0] == "text") == (content or ""), pieces
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3"])
+def test_forced_call_text_reads_back(fmt):
+    """What the forced-call grammar writes around the arguments (the format's prefix, keys, suffix and
+    separator) is what the parser reads, one call or several."""
+    from radixlm.entrypoints.openai.tool_formats import get_format
+
+    form = get_format(fmt)
+    calls = [("get_weather", '{"city": "Paris", "days": 2}'), ("set_alarm", '{"hour": 7, "loud": true}')]
+    texts = [form.forced_call(name)[0] + args + form.forced_call(name)[1] for name, args in calls]
+    assert assert_stream_matches(texts[0], fmt, NAMES) == (None, calls[:1])
+    assert assert_stream_matches(form.separator.join(texts), fmt, NAMES) == (None, calls)
+
+
+def test_stream_deltas_merge_fragments():
+    from radixlm.entrypoints.openai.tool_parser import tool_call_deltas
+
+    events = [("text", "a"), ("text", "b"), ("call", 0, "call_x", "f"), ("args", 0, '{"a"'), ("args", 0, ": 1}"),
+              ("end", 0, True, "raw"), ("call", 1, "call_y", "g"), ("args", 1, "{}")]
+    assert tool_call_deltas(events) == [
+        {"content": "ab"},
+        {"tool_calls": [{"index": 0, "id": "call_x", "type": "function", "function": {"name": "f", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]},
+        {"tool_calls": [{"index": 1, "id": "call_y", "type": "function", "function": {"name": "g", "arguments": ""}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}]
+
+
+def test_tool_call_parser_registry():
+    from radixlm.entrypoints.openai.tool_parser import TOOL_CALL_PARSERS
+    from radixlm.server_args import ServerArgs, choices_of
+
+    field = next(f for f in dataclasses.fields(ServerArgs) if f.name == "tool_call_parser")
+    assert choices_of(field) == tuple(TOOL_CALL_PARSERS) == ("hermes", "qwen25", "qwen", "llama3")
+    assert {f.name for f in TOOL_CALL_PARSERS.values()} == {"hermes", "llama3"}
+    with pytest.raises(ValueError, match="valid: hermes, qwen25, qwen, llama3"):
+        tool_call_format("mistral")
+    with pytest.raises(ValueError, match="unknown tool-call format"):
+        ToolCallParser("qwen25", NAMES)
 
 @pytest.mark.parametrize("fmt", ["hermes", "llama3"])
 def test_forced_grammar_outputs_always_parse(model_factory, fmt):

@@ -65,15 +65,12 @@ class _Content:
         self.held = combined[len(body):]
         return body
 
-    def take_for_call(self) -> str:
-        """The held whitespace, given to a call that begins (it is content again if that is no call)."""
-        held, self.held = ("" if self.after_call else self.held), ""
-        return held
-
     def call_ended(self) -> None:
         self.held, self.after_call = "", True
 
-    def flush(self) -> str:
+    def take_held(self) -> str:
+        """The held whitespace, emptied: for a call that begins (it is content again if that is no call)
+        or at the end; none when it follows a call (a separator)."""
         held, self.held = ("" if self.after_call else self.held), ""
         return held
 
@@ -126,7 +123,7 @@ class ToolCallParser:
             else:
                 self._no_call()
         self.pending = ""
-        self._text(self.content.flush())
+        self._text(self.content.take_held())
         return self._take()
 
     # ------------------------------------------------------------------ machinery
@@ -135,16 +132,21 @@ class ToolCallParser:
         return out
 
     def _run(self, final: bool) -> None:
-        step = {"text": lambda: self._text_step(final), "call": self._call_step, "after": self._after_step}
-        while step[self.mode]():
+        while self._step(final):
             pass
+
+    def _step(self, final: bool) -> bool:
+        """One move of the machine; False when it waits for more text."""
+        if self.mode == "text":
+            return self._text_step(final)
+        return self._call_step() if self.mode == "call" else self._after_step()
 
     def _text(self, s: str) -> None:
         if s:
             self.out.append(("text", s))
 
     def _begin(self, rest: str, tag: str) -> None:
-        self.call = _Call(self.content.take_for_call() + tag)
+        self.call = _Call(self.content.take_held() + tag)
         self.pending, self.mode = rest, "call"
 
     def _text_step(self, final: bool) -> bool:
