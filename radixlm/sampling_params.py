@@ -147,8 +147,3 @@ class SamplingParams:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        """Dict-style read, for callers written when this crossed the process boundary as a dict
-        (radixlm/entrypoints/openai/common.py: `st.msg.sampling_params.get("no_stop_trim")`)."""
-        return getattr(self, name, default)

@@ -161,7 +161,7 @@ def logprob_end(st: ReqState) -> int:
     n = len(st.logprobs)
     fr = st.finished_reason
     if n and fr is not None and fr.type == "stop" and isinstance(fr.matched, int) \
-            and not st.msg.sampling_params.get("no_stop_trim") and st.logprobs[-1][1] == fr.matched:
+            and not st.msg.sampling_params.no_stop_trim and st.logprobs[-1][1] == fr.matched:
         return n - 1
     return n
 
