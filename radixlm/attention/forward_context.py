@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import torch
 
 from radixlm.core import ForwardMode
+
+if TYPE_CHECKING:
+    from radixlm.attention.base import AttentionBackend
+    from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 
 
 @dataclass
@@ -29,9 +33,9 @@ class ForwardBatch:
     seq_lens_cpu: List[int]
     extend_prefix_lens_cpu: List[int]
     extend_seq_lens_cpu: List[int]
-    req_to_token_pool: Any
-    token_to_kv_pool: Any
-    attn_backend: Any
+    req_to_token_pool: "ReqToTokenPool"
+    token_to_kv_pool: "MHATokenToKVPool"
+    attn_backend: "AttentionBackend"
 
     @property
     def batch_size(self) -> int:
