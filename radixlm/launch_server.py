@@ -62,9 +62,13 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerArgs:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.dp_size > 1:  # N replicas behind sglang-router (entrypoints/dp_launcher.py)
+        from radixlm.entrypoints.dp_launcher import launch_dp
+
+        sys.exit(launch_dp(args))
     from radixlm.entrypoints.http_server import launch_server
 
-    args = parse_args(argv)
     try:
         launch_server(args)
     except RuntimeError as e:

@@ -1,5 +1,6 @@
-"""SGLang's native routes: /generate, the health checks, model and server info, /flush_cache,
-/abort_request and /metrics. Each handler finds the TokenizerManager in `request.app.state.tm`.
+"""SGLang's native routes: /generate, the health checks, model and server info, /get_load (what
+sglang-router polls), /flush_cache, /abort_request and /metrics. Each handler finds the
+TokenizerManager in `request.app.state.tm`.
 
 A request's path: JSON body -> `tm.build` on a worker thread (tokenizing and grammar checks never
 run on the event loop; a bad field is a ValueError, hence 400) -> `tm.submit` -> wait (abandoned,
@@ -120,6 +121,19 @@ async def server_info(request: Request):
     return info
 
 
+async def get_load(request: Request):
+    """SGLang's `GetLoadReqOutput` list, one entry per DP rank (radixlm: one), as sglang-router's load
+    monitor reads it (it sums `num_tokens`; power_of_two and cache_aware's balancing use it).
+    num_tokens = KV tokens held by requests (pool - free - evictable cache) + the prompt tokens of
+    in-flight requests that have not produced a token yet (queued or prefilling)."""
+    tm = _tm(request)
+    state = await tm.get_internal_state()
+    held = state["max_total_num_tokens"] - state["free_kv_tokens"] - state["evictable_kv_tokens"]
+    waiting = sum(len(st.msg.input_ids) for st in list(tm.states.values()) if not st.output_ids)
+    return [{"dp_rank": 0, "num_reqs": state["num_running_reqs"] + state["num_queue_reqs"],
+             "num_waiting_reqs": state["num_queue_reqs"], "num_tokens": max(0, held) + waiting}]
+
+
 async def flush_cache(request: Request):
     out = await _tm(request).flush_cache()
     return PlainTextResponse(out.message, status_code=200 if out.success else 400)
@@ -174,6 +188,7 @@ ROUTES = [  # (path, handler, methods)
     ("/model_info", model_info, ["GET"]),
     ("/get_server_info", server_info, ["GET"]),
     ("/server_info", server_info, ["GET"]),
+    ("/get_load", get_load, ["GET"]),
     ("/flush_cache", flush_cache, ["POST"]),  # POST only: a GET (a crawler, a prefetch) must not change state
     ("/abort_request", abort_request, ["POST"]),
     ("/metrics", metrics, ["GET"]),
