@@ -180,9 +180,20 @@ def normalise(entry: Dict[str, Any]) -> Dict[str, Any]:
     return {**entry, "headers": headers}
 
 
-GENERATE_BODY = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-CHAT_BODY = {"model": STUB_MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8,
-             "temperature": 0}
+# what a client sends to the router: (name, path, body); the fixture holds what the router forwarded
+CLIENT_REQUESTS = [
+    ("generate", "/generate", {"text": "The capital of France is",
+                               "sampling_params": {"max_new_tokens": 8, "temperature": 0}}),
+    ("generate_ids_stream", "/generate", {"input_ids": [5, 6, 7, 8], "stream": True,
+                                          "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                                                              "ignore_eos": True}}),
+    ("chat", "/v1/chat/completions", {"model": STUB_MODEL, "messages": [{"role": "user", "content": "Say hi"}],
+                                      "max_tokens": 8, "temperature": 0}),
+    ("chat_stream", "/v1/chat/completions", {"model": STUB_MODEL, "stream": True, "max_tokens": 8,
+                                             "messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Say hi"}]}),
+    ("completion", "/v1/completions", {"model": STUB_MODEL, "prompt": "Once upon a time", "max_tokens": 8}),
+]
 
 
 def record(out_path: str) -> List[Dict[str, Any]]:
@@ -194,19 +205,28 @@ def record(out_path: str) -> List[Dict[str, Any]]:
         with RouterProcess([stub.url], extra=["--health-check-interval-secs", "1"]) as router:
             time.sleep(2.5)  # a few periodic health checks
             requests.get(router.url + "/get_loads", timeout=10)  # the router asks each worker's /get_load
-            r1 = requests.post(router.url + "/generate", json=GENERATE_BODY, timeout=30)
-            r2 = requests.post(router.url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
-            assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
+            names = {}
+            for name, path, body in CLIENT_REQUESTS:
+                n_before = len(stub.requests)
+                r = requests.post(router.url + path, json=body, timeout=30)
+                assert r.status_code == 200, (name, r.status_code, r.text)
+                fwd = [i for i in range(n_before, len(stub.requests)) if stub.requests[i]["path"] == path]
+                assert len(fwd) == 1, (name, fwd)
+                names[fwd[0]] = name
         log = [normalise(e) for e in stub.requests]
     seen, uniq = set(), []
-    for e in log:  # one entry per distinct request (periodic probes repeat)
+    for i, e in enumerate(log):  # one entry per distinct request (periodic probes repeat)
         key = json.dumps({k: e[k] for k in ("method", "path", "query", "body")}, sort_keys=True)
         if key not in seen:
             seen.add(key)
-            uniq.append(e)
+            uniq.append({"name": names.get(i, "probe " + e["path"]), **e})
     doc = {"router": f"sglang-router {v.__version__}",
            "how": "python -m tests.router_stub --record " + out_path,
-           "client_generate_body": GENERATE_BODY, "client_chat_body": CHAT_BODY, "requests": uniq}
+           "note": "what the router sent to one worker: start-up probes, periodic /health, /get_load (asked "
+                   "through the router's /get_loads), and the forwarded client requests; 'client_requests' are "
+                   "what the client sent to the router. Host ports normalised.",
+           "client_requests": [{"name": n, "path": p, "body": b} for n, p, b in CLIENT_REQUESTS],
+           "requests": uniq}
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)
         f.write("\n")
