@@ -74,6 +74,9 @@ class Req:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # first prompt position whose logprob is returned (-1: none)
     arrival_seq: int = 0  # order of arrival, for fcfs
+    priority: Optional[int] = None  # SGLang's `priority` (--enable-priority-scheduling); None counts as 0
+    cache_namespace: Optional[tuple] = None  # radix-cache namespace (extra_key, cache_salt); None: shared
+    stop_regexes: List[Any] = field(default_factory=list)  # compiled stop_regex (sampling_params.StopRegex)
 
     output_ids: List[int] = field(default_factory=list)
     finished_reason: Optional[FinishReason] = None

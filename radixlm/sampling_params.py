@@ -5,11 +5,17 @@ no model; it crosses the process boundary as it is."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 GREEDY_EPS = 1e-6  # temperatures below this are greedy (SGLang's rule)
+# A stop_regex whose match can be longer than this (in characters; `.*`, `+`) is matched on the last
+# STOP_REGEX_MAX_WINDOW (+4) tokens of the output, and streaming holds back at most this many - 1
+# characters for it. Bounded patterns use their own maximum width.
+STOP_REGEX_MAX_WINDOW = 256
+STOP_REGEX_SEARCH_TIMEOUT_S = 0.1  # one search of the output tail; longer (catastrophic backtracking) aborts
 
 
 @dataclass
@@ -41,6 +47,10 @@ class SamplingParams:
     regex: Optional[str] = None
     json_schema: Optional[Union[str, Dict[str, Any]]] = None
     ebnf: Optional[str] = None
+    structural_tag: Optional[Union[str, Dict[str, Any]]] = None  # xgrammar structural tag (JSON text or object)
+    stop_regex: Optional[Union[str, List[str]]] = None  # stops at the first match in the output's tail
+    stream_interval: Optional[int] = None  # tokens per streamed chunk for this request (None: --stream-interval)
+    custom_params: Optional[Dict[str, Any]] = None  # for a custom logit processor: carried, not interpreted
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]) -> "SamplingParams":
@@ -130,9 +140,24 @@ class SamplingParams:
                     raise ValueError(f"logit_bias must has keys in [0, {vocab_size - 1}]")
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise ValueError(f"logit_bias values must be finite numbers, got {v!r}")
-        constraints = [n for n in ("regex", "json_schema", "ebnf") if getattr(self, n) is not None]
+        if self.stop_regex is not None:
+            pats = [self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex
+            if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
+                raise ValueError("stop_regex must be a non-empty string or a list of non-empty strings")
+            for p in pats:
+                regex_max_width(p)  # raises naming stop_regex when the pattern does not parse
+        if self.stream_interval is not None and (isinstance(self.stream_interval, bool)
+                                                 or not isinstance(self.stream_interval, int)
+                                                 or not 1 <= self.stream_interval < 2**31):
+            raise ValueError(f"stream_interval must be a positive integer, got {self.stream_interval!r}")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError("custom_params must be a JSON object")
+        if self.structural_tag is not None and not isinstance(self.structural_tag, (str, dict)):
+            raise ValueError("structural_tag must be a JSON string or object")
+        constraints = [n for n in ("regex", "json_schema", "ebnf", "structural_tag") if getattr(self, n) is not None]
         if len(constraints) > 1:
-            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+            raise ValueError(f"Only one of regex, json_schema, ebnf or structural_tag can be set (got "
+                             f"{', '.join(constraints)}).")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -145,5 +170,66 @@ class SamplingParams:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def stop_regex_strs(self) -> List[str]:
+        if self.stop_regex is None:
+            return []
+        return [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex)
+
+    @property
+    def structural_tag_text(self) -> Optional[str]:
+        t = self.structural_tag
+        return t if t is None or isinstance(t, str) else json.dumps(t)
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- stop_regex
+def regex_max_width(pattern: str) -> Optional[int]:
+    """Most characters a match of `pattern` can span (None: unbounded), as SGLang's
+    `get_max_seq_length` computes it. Raises a ValueError naming stop_regex if it does not parse."""
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        lo_hi = sre_parse.parse(pattern).getwidth()
+    except Exception as e:  # noqa: BLE001 - re.error, RecursionError, OverflowError
+        raise ValueError(f"stop_regex: invalid pattern {pattern!r}: {e}") from None
+    hi = lo_hi[1]
+    return None if hi >= sre_parse.MAXREPEAT or hi >= 2**31 - 1 else int(hi)
+
+
+@dataclass(frozen=True)
+class StopRegex:
+    """One compiled stop_regex: compiled once per request (in the scheduler's Req and in the
+    detokenizer's per-request state), searched with a deadline (`regex` module: a pathological
+    pattern aborts its request instead of stalling the process)."""
+
+    pattern: str
+    compiled: Any
+    width: int  # characters of output to hold back / match on (capped at STOP_REGEX_MAX_WINDOW)
+
+    def search(self, text: str):
+        """The first match in `text`, or None; TimeoutError past STOP_REGEX_SEARCH_TIMEOUT_S."""
+        try:
+            return self.compiled.search(text, timeout=STOP_REGEX_SEARCH_TIMEOUT_S)
+        except TypeError:  # the standard `re` module (no timeout)
+            return self.compiled.search(text)
+
+
+def compile_stop_regexes(patterns: List[str]) -> List[StopRegex]:
+    try:
+        import regex as engine  # transformers' dependency: searches with a timeout
+    except ImportError:  # pragma: no cover
+        import re as engine  # type: ignore[no-redef]
+    out = []
+    for p in patterns:
+        w = regex_max_width(p)
+        try:
+            compiled = engine.compile(p)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"stop_regex: invalid pattern {p!r}: {e}") from None
+        out.append(StopRegex(p, compiled, STOP_REGEX_MAX_WINDOW if w is None else min(w, STOP_REGEX_MAX_WINDOW)))
+    return out

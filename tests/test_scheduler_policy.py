@@ -300,7 +300,7 @@ def test_admission_reuses_the_orderings_match():
         sched.add_request(make_req(f"r{i}", 40 + i, 4, seed=i))
     calls = []
     real = sched.tree_cache.match_prefix
-    sched.tree_cache.match_prefix = lambda key: calls.append(len(key)) or real(key)
+    sched.tree_cache.match_prefix = lambda key, *ns: calls.append(len(key)) or real(key, *ns)
     batch = sched.prefill.build([])
     assert len(calls) == 6  # one per waiting request, none again at admission
     assert batch.batch_size == 4

@@ -26,10 +26,44 @@ def grammar_key(sp) -> Optional[GrammarKey]:
         return ("json", s if isinstance(s, str) else json.dumps(s))
     if sp.ebnf is not None:
         return ("ebnf", sp.ebnf)
+    tag = getattr(sp, "structural_tag", None)
+    if tag is not None:
+        return ("structural_tag", tag if isinstance(tag, str) else json.dumps(tag))
     return None
 
 
-_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
+_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
+
+
+def structural_tag_args(text: str) -> tuple:
+    """xgrammar's arguments for a structural tag given as JSON text: SGLang's legacy OpenAI shape
+    `{"type": "structural_tag", "structures": [{begin, schema, end}], "triggers": [...]}` becomes
+    (tags, triggers); the current shape (`{"type": "structural_tag", "format": {...}}`) is passed
+    as it is. Raises ValueError naming structural_tag."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"structural_tag is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("structural_tag must be a JSON object")
+    if "structures" not in obj:
+        return (text,)
+    import xgrammar as xgr
+
+    structures, triggers = obj.get("structures"), obj.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not all(
+            isinstance(t, str) and t for t in triggers):
+        raise ValueError("structural_tag: 'structures' must be a list and 'triggers' a list of strings")
+    tags = []
+    for i, st in enumerate(structures):
+        if not isinstance(st, dict) or not isinstance(st.get("begin"), str) or not isinstance(st.get("end"), str):
+            raise ValueError(f"structural_tag: structures[{i}] needs string 'begin' and 'end' and a 'schema'")
+        schema = st.get("schema", st.get("parameters"))
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"structural_tag: structures[{i}].schema must be a JSON schema object")
+        tags.append(xgr.StructuralTagItem(begin=st["begin"], schema=normalize_json_schema(json.dumps(schema)),
+                                          end=st["end"]))
+    return (tags, triggers)
 _UNSUPPORTED_KEYWORDS = ("allOf", "not", "if", "then", "else", "dependentSchemas")
 
 
@@ -100,12 +134,23 @@ def check_grammar_syntax(key: GrammarKey) -> None:
             xgr.Grammar.from_regex(text)
         elif kind == "json":
             xgr.Grammar.from_json_schema(text)
+        elif kind == "structural_tag":
+            if not hasattr(xgr.Grammar, "from_structural_tag"):
+                raise ValueError("structural_tag: the installed xgrammar has no structural tags")
+            xgr.Grammar.from_structural_tag(*structural_tag_args(text))
         else:
             xgr.Grammar.from_ebnf(text)
+    except ValueError as e:
+        if str(e).startswith("structural_tag"):
+            raise
+        raise ValueError(f"Invalid {field}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - xgrammar raises several types for bad input
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg)  # drop xgrammar's "[time] file.cc:N:" prefix
-        raise ValueError(f"Invalid {field}: {msg}") from None
+        raise ValueError(f"Invalid {field}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg)  # drop xgrammar's "[time] file.cc:N:" prefix
 
 
 class DaemonWorker:

@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from radixlm.constrained import DaemonWorker, GrammarKey, normalize_json_schema
+from radixlm.constrained import DaemonWorker, GrammarKey, normalize_json_schema, structural_tag_args
 
-_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
+_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
 DEFAULT_COMPILE_TIMEOUT = 30.0  # ServerArgs.grammar_compile_timeout
 DEFAULT_CACHE_SIZE = 256  # ServerArgs.grammar_cache_size
 
@@ -163,6 +163,8 @@ class XGrammarBackend:
             text = normalize_json_schema(text)
             return self.compiler.compile_json_schema(text, any_whitespace=self.any_whitespace,
                                                      max_whitespace_cnt=self.max_whitespace_cnt)
+        if kind == "structural_tag":
+            return self.compiler.compile_structural_tag(*structural_tag_args(text))
         return self.compiler.compile_grammar(text)
 
     # ------------------------------------------------------------------ decode

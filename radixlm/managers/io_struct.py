@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from radixlm.core import FinishReason, ReqOutput
-from radixlm.sampling_params import SamplingParams
+from radixlm.sampling_params import SamplingParams, compile_stop_regexes
 
 
 @dataclass
@@ -34,6 +34,16 @@ class TokenizedGenerateReqInput:
     logprob_start_len: int = -1
     stream: bool = False
     seed_offset: int = 0  # the i-th of n samples uses sampling_seed + i
+    extra_key: Optional[str] = None  # with cache_salt: the request's radix-cache namespace
+    cache_salt: Optional[str] = None
+    priority: Optional[int] = None  # --enable-priority-scheduling
+
+    @property
+    def cache_namespace(self) -> Optional[tuple]:
+        """None (the shared namespace) or the (extra_key, cache_salt) the request's KV is cached under."""
+        if self.extra_key is None and self.cache_salt is None:
+            return None
+        return (self.extra_key, self.cache_salt)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class DetokenizeParams:
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     stop: List[str] = field(default_factory=list)
+    stop_regex: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,10 +170,15 @@ def to_req(msg: TokenizedGenerateReqInput):
     sp.verify()
     req = Req(msg.rid, list(msg.input_ids), sp, msg.return_logprob, msg.top_logprobs_num)
     req.logprob_start_len = msg.logprob_start_len
+    req.cache_namespace = msg.cache_namespace
+    req.priority = msg.priority
+    if sp.stop_regex_strs:  # compiled once per request, here in the scheduler (never on the server's loop)
+        req.stop_regexes = compile_stop_regexes(sp.stop_regex_strs)
     if sp.sampling_seed is not None:
         req.generator = torch.Generator(device="cpu").manual_seed(sp.sampling_seed + msg.seed_offset)
     return req
 
 
 def detok_params_of(sp: SamplingParams) -> DetokenizeParams:
-    return DetokenizeParams(sp.skip_special_tokens, sp.spaces_between_special_tokens, sp.no_stop_trim, sp.stop_strs)
+    return DetokenizeParams(sp.skip_special_tokens, sp.spaces_between_special_tokens, sp.no_stop_trim, sp.stop_strs,
+                            sp.stop_regex_strs)

@@ -22,9 +22,10 @@ from typing import Any, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
+from radixlm.managers.sglang_fields import check_sampling_fields
 from radixlm.sampling_params import SamplingParams
 
-_GRAMMAR_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf"}
+_GRAMMAR_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,19 @@ def check_strings(obj: Any, field: str) -> None:
 
 class RequestBuilder:
     def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar",
-                 limits: Optional[RequestLimits] = None):
+                 limits: Optional[RequestLimits] = None, enable_priority_scheduling: bool = False):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.grammar_backend = grammar_backend
         self.limits = limits or RequestLimits()
+        self.enable_priority_scheduling = enable_priority_scheduling
         self._max_token_chars: Optional[int] = None
 
     @classmethod
     def from_server_args(cls, args, tokenizer, vocab_size: int, context_len: int) -> "RequestBuilder":
-        return cls(tokenizer, vocab_size, context_len, args.grammar_backend, RequestLimits.from_server_args(args))
+        return cls(tokenizer, vocab_size, context_len, args.grammar_backend, RequestLimits.from_server_args(args),
+                   bool(getattr(args, "enable_priority_scheduling", False)))
 
     # ------------------------------------------------------------------ text
     @property
@@ -105,9 +108,12 @@ class RequestBuilder:
 
     # ------------------------------------------------------------------ build
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
-              top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False
+              top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False,
+              extra_key=None, cache_salt=None, priority: Optional[int] = None,
               ) -> Tuple[List[TokenizedGenerateReqInput], bool]:
-        """Returns (messages, batched). A prompt with n samples gives n consecutive messages."""
+        """Returns (messages, batched). A prompt with n samples gives n consecutive messages.
+        `extra_key` / `cache_salt` (a string, or one per prompt) put a prompt in its own radix-cache
+        namespace; `priority` orders the waiting queue (--enable-priority-scheduling)."""
         lim = self.limits
         if (text is None) == (input_ids is None):
             raise ValueError("Either text or input_ids should be provided (exactly one of them).")
@@ -138,13 +144,21 @@ class RequestBuilder:
                              "allowed (--max-top-logprobs-num)")
         if isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1:
             raise ValueError("logprob_start_len must be an integer >= -1")
+        extra_keys = self._per_prompt(extra_key, "extra_key", n_prompts, batched)
+        salts = self._per_prompt(cache_salt, "cache_salt", n_prompts, batched)
+        priority = self._priority(priority)
         # sampling params first: they are cheap, and a bad one should not cost a tokenization
         sp_objs = []
         for sp_dict in sps:
             check_strings(sp_dict, "sampling_params")
+            if isinstance(sp_dict, dict):
+                sp_dict = check_sampling_fields(sp_dict)
             sp = SamplingParams.from_dict(sp_dict)
+            self.check_limits(sp)  # bounds first: a thousand patterns are refused before any is parsed
             sp.verify(self.vocab_size)
-            self.check_limits(sp)
+            if self.tokenizer is None and (sp.stop_strs or sp.stop_regex_strs):
+                raise ValueError(f"{'stop_regex' if sp.stop_regex_strs else 'stop'}: stop strings need a tokenizer "
+                                 "(skip_tokenizer_init is set)")
             sp_objs.append(sp)
         if text is not None:
             texts = text if batched else [text]
@@ -156,7 +170,7 @@ class RequestBuilder:
         else:
             ids_list = input_ids if batched else [input_ids]
         msgs: List[TokenizedGenerateReqInput] = []
-        for ids, sp, r in zip(ids_list, sp_objs, rids):
+        for ids, sp, r, ek, salt in zip(ids_list, sp_objs, rids, extra_keys, salts):
             ids = self.validate_ids(ids, sp)
             if return_logprob and logprob_start_len >= len(ids):
                 raise ValueError(f"logprob_start_len ({logprob_start_len}) is higher than the number of input "
@@ -165,10 +179,40 @@ class RequestBuilder:
                 msgs.append(TokenizedGenerateReqInput(
                     rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp,
                     return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
-                    logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i))
+                    logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i,
+                    extra_key=ek, cache_salt=salt, priority=priority))
         if len({m.rid for m in msgs}) != len(msgs):
             raise ValueError("rid: request ids must be unique")
         return msgs, batched
+
+    @staticmethod
+    def _per_prompt(value: Any, field: str, n: int, batched: bool) -> List[Optional[str]]:
+        """A string for every prompt, or one per prompt (SGLang's rule); "" means none."""
+        if value is None:
+            return [None] * n
+        if isinstance(value, list) and batched:
+            if len(value) != n or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{field}: a list of {n} strings is required for {n} prompts")
+            vals = value
+        elif isinstance(value, str):
+            vals = [value] * n
+        else:
+            raise ValueError(f"{field} must be a string" + (" or a list of strings" if batched else ""))
+        for v in vals:
+            check_text(v, field)
+            if len(v) > 4096:
+                raise ValueError(f"{field}: {len(v)} characters; at most 4096")
+        return [v or None for v in vals]
+
+    def _priority(self, priority: Any) -> Optional[int]:
+        if priority is None:
+            return None
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**63) <= priority < 2**63:
+            raise ValueError(f"priority must be a 64-bit integer, got {priority!r}")
+        if not self.enable_priority_scheduling:
+            raise ValueError("priority: priority scheduling is disabled; start the server with "
+                             "--enable-priority-scheduling, or leave priority out")
+        return priority
 
     @staticmethod
     def _rids(rid: Any, n: int, batched: bool) -> List[str]:
@@ -197,11 +241,19 @@ class RequestBuilder:
                 if isinstance(s, str) and len(s) > lim.max_stop_string_len:
                     raise ValueError(f"stop: a stop string of {len(s)} characters; at most "
                                      f"{lim.max_stop_string_len} (--max-stop-string-len)")
+        regexes = sp.stop_regex_strs if isinstance(sp.stop_regex, (str, list)) else []
+        if len(regexes) > lim.max_stop_strings:
+            raise ValueError(f"stop_regex: {len(regexes)} patterns; at most {lim.max_stop_strings} "
+                             "(--max-stop-strings)")
+        for p in regexes:
+            if isinstance(p, str) and len(p) > lim.max_stop_string_len:
+                raise ValueError(f"stop_regex: a pattern of {len(p)} characters; at most "
+                                 f"{lim.max_stop_string_len} (--max-stop-string-len)")
         if sp.stop_token_ids is not None and isinstance(sp.stop_token_ids, (list, tuple)) \
                 and len(sp.stop_token_ids) > self.vocab_size:
             raise ValueError(f"stop_token_ids: {len(sp.stop_token_ids)} ids; at most the vocabulary size "
                              f"({self.vocab_size})")
-        for name in ("regex", "json_schema", "ebnf"):
+        for name in ("regex", "json_schema", "ebnf", "structural_tag"):
             v = getattr(sp, name)
             if v is None:
                 continue

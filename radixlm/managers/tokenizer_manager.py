@@ -41,6 +41,7 @@ from radixlm.managers.io_struct import (
 from radixlm.managers.req_state import ReqState
 from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.scheduler_process import IPCNames
+from radixlm.managers.sglang_fields import check_generate_fields
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -254,19 +255,19 @@ class TokenizerManager:
             await self._send(AbortReq(rid, abort_all))
 
     def build(self, obj: Dict[str, Any]) -> tuple:
-        """Validates a native GenerateReqInput dict; returns (messages, batched)."""
-        known = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "top_logprobs_num",
-                 "logprob_start_len", "stream", "return_text_in_logprobs", "log_metrics"}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise ValueError(f"Unsupported field(s) in the request: {', '.join(unknown)}")
+        """Validates a native GenerateReqInput dict (every SGLang field is known: see
+        managers/sglang_fields.py); returns (messages, batched)."""
+        if not isinstance(obj, dict):
+            raise ValueError("the request body must be a JSON object (SGLang's GenerateReqInput)")
+        check_generate_fields(obj)
         return self.builder.build(text=obj.get("text"), input_ids=obj.get("input_ids"),
                                   sampling_params=obj.get("sampling_params"), rid=obj.get("rid"),
                                   return_logprob=bool(obj.get("return_logprob", False)),
                                   top_logprobs_num=obj.get("top_logprobs_num") or 0,
                                   logprob_start_len=obj.get("logprob_start_len", -1)
                                   if obj.get("logprob_start_len") is not None else -1,
-                                  stream=bool(obj.get("stream", False)))
+                                  stream=bool(obj.get("stream", False)), extra_key=obj.get("extra_key"),
+                                  cache_salt=obj.get("cache_salt"), priority=obj.get("priority"))
 
     async def submit(self, msgs: List[TokenizedGenerateReqInput]) -> List[ReqState]:
         self._check_alive()
@@ -304,7 +305,9 @@ class TokenizerManager:
         """Yields (index, state) each time a request has new output, until all finish."""
         pending = dict(enumerate(states))
         sent = {i: 0 for i in pending}  # tokens already reported, for --stream-interval
-        interval = self.args.stream_interval
+        # a request's own sampling_params.stream_interval overrides the server's
+        intervals = {i: st.msg.sampling_params.stream_interval or self.args.stream_interval
+                     for i, st in pending.items()}
         try:
             while pending:
                 progressed = False
@@ -314,7 +317,7 @@ class TokenizerManager:
                     if st.event.is_set():
                         st.event.clear()
                         progressed = True
-                        if st.finished or len(st.output_ids) - sent[i] >= interval:
+                        if st.finished or len(st.output_ids) - sent[i] >= intervals[i]:
                             sent[i] = len(st.output_ids)
                             yield i, st
                         if st.finished:

@@ -11,6 +11,12 @@ In:  token-id keys (``match_prefix``, ``insert``), slot tensors to adopt
      (``insert``), lock/unlock of matched nodes, eviction demands.
 Out: ``MatchResult`` (matched slot indices + last node), sizes, freed counts.
 
+Namespaces: a key may carry a namespace (SGLang's ``extra_key`` / ``cache_salt``; any hashable,
+None for the shared one). Each namespace is its own subtree under the root: the root's children are
+keyed by (namespace, first token or page), every node records its namespace, and matching or
+inserting never leaves it, so requests of different namespaces never share KV. Locks, eviction
+(one LRU heap over all namespaces) and the integrity check are the same for all of them.
+
 Must not touch: request state, the req-to-token table, or KV tensor contents.
 It frees slots only through ``allocator.free`` and only slots it owns; it
 never allocates. With ``page_size > 1`` everything is in whole pages.
@@ -40,9 +46,10 @@ class TreeNode:
     """
 
     __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access_time", "hit_count", "id",
-                 "in_heap")
+                 "in_heap", "namespace")
 
-    def __init__(self, node_id: int, key: List[int], value: Tensor, parent: Optional["TreeNode"], now: float) -> None:
+    def __init__(self, node_id: int, key: List[int], value: Tensor, parent: Optional["TreeNode"], now: float,
+                 namespace: Hashable = None) -> None:
         self.children: dict = {}
         self.parent: Optional[TreeNode] = parent
         self.key: List[int] = key
@@ -52,12 +59,14 @@ class TreeNode:
         self.hit_count: int = 0
         self.id: int = node_id
         self.in_heap: bool = False
+        self.namespace: Hashable = namespace
 
     def is_leaf(self) -> bool:
         return not self.children
 
     def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, key={self.key}, lock_ref={self.lock_ref}, t={self.last_access_time})"
+        ns = "" if self.namespace is None else f", ns={self.namespace!r}"
+        return f"TreeNode(id={self.id}, key={self.key}, lock_ref={self.lock_ref}, t={self.last_access_time}{ns})"
 
 
 @dataclass
@@ -89,8 +98,13 @@ class RadixCache:
     def _empty(self) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=self.device)
 
-    def _child_key(self, key: Sequence[int]) -> Hashable:
-        return key[0] if self.page_size == 1 else tuple(key[: self.page_size])
+    def _child_key(self, key: Sequence[int], namespace: Hashable = None) -> Hashable:
+        base = key[0] if self.page_size == 1 else tuple(key[: self.page_size])
+        return base if namespace is None else (namespace, base)
+
+    def _key_of(self, node: TreeNode) -> Hashable:
+        """The key ``node`` is stored under in its parent's children."""
+        return self._child_key(node.key, node.namespace)
 
     def _match_len(self, a: Sequence[int], b: Sequence[int]) -> int:
         """Common-prefix length, rounded down to whole pages."""
@@ -109,14 +123,15 @@ class RadixCache:
         """Split ``child`` after ``n`` tokens; return the new upper node."""
         parent = child.parent
         assert parent is not None
-        mid = TreeNode(next(self._ids), child.key[:n], child.value[:n], parent, child.last_access_time)
+        mid = TreeNode(next(self._ids), child.key[:n], child.value[:n], parent, child.last_access_time,
+                       child.namespace)
         mid.lock_ref = child.lock_ref
         mid.hit_count = child.hit_count
         child.key = child.key[n:]
         child.value = child.value[n:]
         child.parent = mid
-        mid.children[self._child_key(child.key)] = child
-        parent.children[self._child_key(mid.key)] = mid
+        mid.children[self._key_of(child)] = child
+        parent.children[self._key_of(mid)] = mid
         return mid
 
     def _nodes(self) -> Iterator[TreeNode]:
@@ -146,8 +161,9 @@ class RadixCache:
         self._evict_heap: List[tuple] = []  # (last_access_time when pushed, id, node); stale entries allowed
 
     # ------------------------------------------------------------------ match
-    def match_prefix(self, key: KeyLike) -> MatchResult:
-        """Longest cached prefix of ``key`` (whole pages only). Splits so last_node ends at the match."""
+    def match_prefix(self, key: KeyLike, namespace: Hashable = None) -> MatchResult:
+        """Longest cached prefix of ``key`` in ``namespace`` (whole pages only). Splits so last_node
+        ends at the match."""
         key = self._as_list(key)
         key = key[: len(key) - len(key) % self.page_size]
         if self.disable or not key:
@@ -158,7 +174,7 @@ class RadixCache:
         values: List[Tensor] = []
         i = 0
         while i < len(key):
-            child = node.children.get(self._child_key(key[i:]))
+            child = node.children.get(self._child_key(key[i:], namespace))
             if child is None:
                 break
             child.last_access_time = now
@@ -173,15 +189,15 @@ class RadixCache:
         return MatchResult(indices, node)
 
     # ----------------------------------------------------------------- insert
-    def insert(self, key: KeyLike, value: Tensor) -> int:
-        """Insert key -> value; return the length that was already cached.
+    def insert(self, key: KeyLike, value: Tensor, namespace: Hashable = None) -> int:
+        """Insert key -> value (in ``namespace``); return the length that was already cached.
 
         The tree adopts ``value[returned:]``; ``value[:returned]`` stays the
         caller's (free those slots that differ from the tree's).
         """
-        return self.insert_and_match(key, value)[0]
+        return self.insert_and_match(key, value, namespace)[0]
 
-    def insert_and_match(self, key: KeyLike, value: Tensor) -> Tuple[int, MatchResult]:
+    def insert_and_match(self, key: KeyLike, value: Tensor, namespace: Hashable = None) -> Tuple[int, MatchResult]:
         """``insert``, also returning the match of the whole key that the insert leaves: the
         tree's slots for it and the node it ends on (what ``match_prefix(key)`` would return
         next, without walking the tree again)."""
@@ -199,10 +215,10 @@ class RadixCache:
         values: List[Tensor] = []
         i = 0
         while i < len(key):
-            ck = self._child_key(key[i:])
+            ck = self._child_key(key[i:], namespace)
             child = node.children.get(ck)
             if child is None:
-                leaf = TreeNode(next(self._ids), key[i:], value[i:].clone(), node, now)
+                leaf = TreeNode(next(self._ids), key[i:], value[i:].clone(), node, now, namespace)
                 node.children[ck] = leaf
                 self._evictable_size += len(leaf.key)
                 self._push_evictable(leaf)
@@ -277,7 +293,7 @@ class RadixCache:
 
     def _delete_leaf(self, node: TreeNode) -> int:
         self.allocator.free(node.value)
-        del node.parent.children[self._child_key(node.key)]
+        del node.parent.children[self._key_of(node)]
         node.parent = None
         self._evictable_size -= len(node.key)
         return len(node.key)
@@ -340,8 +356,10 @@ class RadixCache:
         for ck, child in node.children.items():
             if child.parent is not node:
                 raise RuntimeError(f"{child}: parent pointer is wrong")
-            if not child.key or self._child_key(child.key) != ck:
+            if not child.key or self._key_of(child) != ck:
                 raise RuntimeError(f"{child}: stored under child key {ck!r}")
+            if node is not self.root_node and child.namespace != node.namespace:
+                raise RuntimeError(f"{child}: namespace differs from its parent's {node.namespace!r}")
             child_locks += child.lock_ref
         if node is not self.root_node and node.lock_ref < child_locks:
             raise RuntimeError(f"{node}: lock_ref {node.lock_ref} < sum of children's {child_locks}")
@@ -354,7 +372,8 @@ class RadixCache:
         while stack:
             node, depth = stack.pop()
             lines.append(
-                f"{'  ' * depth}{node.key} -> {node.value.tolist()} "
+                f"{'  ' * depth}{'' if node.namespace is None else repr(node.namespace) + ' '}"
+                f"{node.key} -> {node.value.tolist()} "
                 f"lock={node.lock_ref} t={node.last_access_time:g} hits={node.hit_count}"
             )
             stack.extend((c, depth + 1) for c in reversed(list(node.children.values())))

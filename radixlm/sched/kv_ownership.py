@@ -111,7 +111,8 @@ class KVOwnership:
         Returns the aligned length now held by the tree and the tree's match of it."""
         aligned = req.kv.kv_len // self.page_size * self.page_size
         row = self.row(req)
-        present, match = self.tree_cache.insert_and_match(req.fill_ids[:aligned], row[:aligned].clone())
+        present, match = self.tree_cache.insert_and_match(req.fill_ids[:aligned], row[:aligned].clone(),
+                                                          req.cache_namespace)
         if present > req.kv.cache_protected_len:
             self.allocator.free(row[req.kv.cache_protected_len:present].clone())
         return aligned, match

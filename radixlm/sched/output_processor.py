@@ -1,7 +1,8 @@
 """Output processing: what one computed step means for a request's tokens.
 
 Owns: appending a sampled token (and its logprobs) to a request, the stop checks (EOS, stop token
-ids, max_new_tokens, context length, stop strings), grammar acceptance and termination,
+ids, max_new_tokens, context length, stop strings, stop regexes: SGLang reports a regex stop as
+{"type": "stop", "matched": <the pattern>}), grammar acceptance and termination,
 jump-forward (appending the string a grammar forces), handing out prompt logprobs once, and the
 `ReqOutput` each of these produces. It never touches KV memory or the queues: the scheduler decides
 what a finished or jump-forwarded request does with its KV.
@@ -45,7 +46,8 @@ class OutputProcessor:
             if req.grammar.is_terminated():
                 reason = FinishReason("stop", matched=tid)
             elif self.enable_jump_forward and not req.return_logprob and not req.sampling_params.stop_strs \
-                    and not req.sampling_params.stop_token_ids:  # forced text is never checked for stops
+                    and not req.stop_regexes and not req.sampling_params.stop_token_ids:
+                # (forced text is never checked for stops)
                 new_ids = self.jump_forward(req) or new_ids
                 if len(new_ids) > 1:
                     reason = self.check_finished(req)
@@ -117,6 +119,23 @@ class OutputProcessor:
             for s in stops:
                 if s in tail:
                     return FinishReason("stop", matched=s)
+        if req.stop_regexes and self.decode_tail is not None and len(req.output_ids) >= sp.min_new_tokens:
+            return self.check_stop_regex(req)
+        return None
+
+    def check_stop_regex(self, req: Req) -> Optional[FinishReason]:
+        """Searches each stop_regex in the decoded tail (its maximum width + 4 tokens; see
+        STOP_REGEX_MAX_WINDOW for unbounded patterns). A search that outlives its deadline
+        (catastrophic backtracking) aborts the request."""
+        window = max(r.width for r in req.stop_regexes) + 4
+        tail = self.decode_tail(req.output_ids[-window:])
+        for r in req.stop_regexes:
+            try:
+                if r.search(tail) is not None:
+                    return FinishReason("stop", matched=r.pattern)
+            except TimeoutError:
+                return FinishReason("abort", message=f"stop_regex: matching {r.pattern!r} took too long "
+                                                     "(catastrophic backtracking); simplify the pattern")
         return None
 
     def finish(self, req: Req, reason: FinishReason) -> ReqOutput:

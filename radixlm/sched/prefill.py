@@ -74,12 +74,14 @@ class PrefillBuilder:
             if take <= 0:  # too little fits next to the running requests: they decode this step
                 self.stats.num_chunk_waits += 1
                 return None
-            adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.ratio.value))
+            adder.commit(req.fill_ids, take, PrefillAdder.decode_reserve(req, self.ratio.value), req.cache_namespace)
             admitted.append(req)
             takes.append(take)
             chunk_open = take < left
         matches: Dict[int, "MatchResult"] = {}  # the ordering's matches, valid for this step (nothing inserts)
-        for req in order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng, matches):
+        ordered = order_waiting(q.waiting, self.cfg.schedule_policy, self.tree_cache, self._rng, matches,
+                                priority_sign=self.cfg.priority_sign)
+        for req in ordered:
             if chunk_open or len(q.running) + len(admitted) >= self.cfg.max_running_requests:
                 break
             if self.req_to_token_pool.available_size() == 0:
@@ -88,11 +90,12 @@ class PrefillBuilder:
                 continue
             match = matches.get(id(req))
             if req.wants_input_logprobs:  # prompt logprobs need the logits, so recompute from there
-                match = self.tree_cache.match_prefix(req.fill_ids[:max(req.logprob_start_len - 1, 0)])
+                match = self.tree_cache.match_prefix(req.fill_ids[:max(req.logprob_start_len - 1, 0)],
+                                                     req.cache_namespace)
             elif match is None:
-                match = self.tree_cache.match_prefix(req.fill_ids[:-1])
+                match = self.tree_cache.match_prefix(req.fill_ids[:-1], req.cache_namespace)
             prefix_len = len(match.indices)
-            if adder.shares_new_prefix(req, prefix_len):
+            if adder.shares_new_prefix(req, prefix_len, req.cache_namespace):
                 continue
             extend = req.seq_len - prefix_len
             reserve = PrefillAdder.decode_reserve(req, self.ratio.value)
@@ -108,7 +111,7 @@ class PrefillBuilder:
             admitted.append(req)
             self._bind(req, match.indices)
             takes.append(take)
-            adder.commit(req.fill_ids, take, reserve if take == extend else 0.0)
+            adder.commit(req.fill_ids, take, reserve if take == extend else 0.0, req.cache_namespace)
             chunk_open = take < extend
         if not admitted:
             return None

@@ -26,10 +26,21 @@ def validate_policy(name: str) -> str:
 
 
 def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random,
-                  matches: Optional[Dict[int, object]] = None) -> List[Req]:
+                  matches: Optional[Dict[int, object]] = None, priority_sign: int = 0) -> List[Req]:
     """Returns the waiting queue in the order admission should consider it. Cache-aware policies
-    match each request's `fill_ids[:-1]` against the tree; given a dict, `matches` receives those
-    matches (id(req) -> match) so that admission in the same step need not match again."""
+    match each request's `fill_ids[:-1]` (in its cache namespace) against the tree; given a dict,
+    `matches` receives those matches (id(req) -> match) so that admission in the same step need not
+    match again. With priority scheduling (`priority_sign` 1: higher values first, -1: lower values
+    first; 0: off) requests are ordered by priority first, the policy's order within one priority
+    (SGLang's (priority * sign, policy key) sort; a missing priority counts as 0)."""
+    ordered = _policy_order(queue, policy, tree_cache, rng, matches)
+    if priority_sign:  # a stable sort keeps the policy's order among equal priorities
+        ordered.sort(key=lambda r: -priority_sign * (r.priority or 0))
+    return ordered
+
+
+def _policy_order(queue: List[Req], policy: str, tree_cache, rng: random.Random,
+                  matches: Optional[Dict[int, object]]) -> List[Req]:
     cache_aware = policy in ("lpm", "dfs-weight") and not tree_cache.disable
     if cache_aware and policy == "lpm" and len(queue) > LPM_FALLBACK_QUEUE_LEN:
         cache_aware = False
@@ -42,7 +53,7 @@ def order_waiting(queue: List[Req], policy: str, tree_cache, rng: random.Random,
             return sorted(queue, key=lambda r: (-r.max_new_tokens, r.arrival_seq))
         return sorted(queue, key=lambda r: r.arrival_seq)
     matches = {} if matches is None else matches
-    matches.update({id(r): tree_cache.match_prefix(r.fill_ids[:-1]) for r in queue})
+    matches.update({id(r): tree_cache.match_prefix(r.fill_ids[:-1], r.cache_namespace) for r in queue})
     if policy == "lpm":
         return sorted(queue, key=lambda r: (-len(matches[id(r)].indices), r.arrival_seq))
     return _dfs_weight_order(queue, matches, tree_cache.root_node)
@@ -93,17 +104,21 @@ class PrefillAdder:
     rem_chunk: Optional[int]
     page_size: int = 1
     admitted_fill_ids: List[List[int]] = field(default_factory=list)
+    admitted_namespaces: List[object] = field(default_factory=list)  # cache namespace of each admitted_fill_ids
 
     @staticmethod
     def decode_reserve(req: Req, new_token_ratio: float) -> float:
         left = max(req.max_new_tokens - len(req.output_ids), 0)
         return min(left, DECODE_RESERVE_CAP) * new_token_ratio
 
-    def shares_new_prefix(self, req: Req, prefix_len: int) -> bool:
-        """True when an already admitted request is about to compute the same new tokens: this one
-        waits a step and then hits the cache instead of computing them again."""
+    def shares_new_prefix(self, req: Req, prefix_len: int, namespace=None) -> bool:
+        """True when an already admitted request (of the same cache namespace) is about to compute
+        the same new tokens: this one waits a step and then hits the cache instead of computing them
+        again."""
         fill = req.fill_ids
-        for other in self.admitted_fill_ids:
+        for ns, other in zip(self.admitted_namespaces, self.admitted_fill_ids):
+            if ns != namespace:
+                continue
             lcp = min(common_prefix_len(fill, other), len(fill) - 1)  # the last token is never cached
             if lcp > prefix_len and (lcp - prefix_len >= IN_BATCH_PREFIX_MIN or lcp == len(fill) - 1):
                 return True
@@ -142,10 +157,11 @@ class PrefillAdder:
             return 0
         return take
 
-    def commit(self, fill_ids: List[int], taken: int, reserve: float) -> None:
+    def commit(self, fill_ids: List[int], taken: int, reserve: float, namespace=None) -> None:
         pages = -(-taken // self.page_size) * self.page_size  # a partial page still takes a page
         self.rem_total -= pages + reserve
         self.rem_input -= taken
         if self.rem_chunk is not None:
             self.rem_chunk -= taken
         self.admitted_fill_ids.append(fill_ids)
+        self.admitted_namespaces.append(namespace)

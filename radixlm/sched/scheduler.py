@@ -62,6 +62,15 @@ class SchedulerConfig:
     enable_mixed_chunk: bool = False  # running requests decode inside prefill steps instead of waiting
     enable_overlap: bool = False  # decode step N+1 computes while step N's results are processed
     debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
+    enable_priority_scheduling: bool = False  # waiting requests ordered by `priority` first
+    schedule_low_priority_values_first: bool = False  # with it: lower values first (SGLang's flag)
+
+    @property
+    def priority_sign(self) -> int:
+        """order_waiting's priority_sign: 0 off, 1 higher values first, -1 lower values first."""
+        if not self.enable_priority_scheduling:
+            return 0
+        return -1 if self.schedule_low_priority_values_first else 1
 
 
 class Scheduler:
