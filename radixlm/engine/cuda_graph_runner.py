@@ -32,6 +32,7 @@ import torch
 
 from radixlm.attention.forward_context import ForwardBatch, forward_context
 from radixlm.core import ForwardMode, ScheduleBatch
+from radixlm.distributed.parallel_state import get_tp_size
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,13 @@ def resolve_cuda_graph_max_bs(requested: Optional[int], max_running_requests: in
 
 def create_cuda_graph_runner(model_runner) -> Optional["CudaGraphRunner"]:
     """The runner's graphs, or None: off on CPU, with --disable-cuda-graph, or (logged) with an
-    attention backend that cannot be captured."""
+    attention backend that cannot be captured or with tensor parallelism."""
     cfg = model_runner.cfg
     if cfg.disable_cuda_graph or not str(model_runner.device).startswith("cuda"):
+        return None
+    if get_tp_size() > 1:  # the followers' steps and the collectives are not captured
+        logger.warning("CUDA graphs are off with tp_size %d (untested with tensor parallelism on GPU)",
+                       get_tp_size())
         return None
     backend = model_runner.attn_backend
     if not getattr(backend, "supports_cuda_graph", False):

@@ -5,22 +5,31 @@ sample this step. It builds the step's `ForwardBatch` once, runs the model insid
 `forward_context`, computes logits only at each request's last position and samples. It sizes the
 KV pool at start-up (`max_total_tokens`, or `mem_fraction_static` of device memory on CUDA).
 It never decides which requests run: that is the scheduler's job.
+
+Tensor parallelism (`tp_size` > 1): every rank builds a runner with its `tp_rank`; it joins the
+process group, loads its shard of the weights and holds the KV of its own heads. Rank 0's runner
+(under the scheduler) broadcasts each step to the others before computing it (engine/tp_worker.py);
+the others run `run_follower`. Any failure of a forward under TP is fatal to the group (the ranks
+may be mid-collective): `on_tp_failure` is called, and every later forward fails at once.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-from radixlm.attention import create_attention_backend
+from radixlm.attention import create_attention_backend, resolve_backend_name
 from radixlm.attention.forward_context import ForwardBatch, forward_context
 from radixlm.core import ScheduleBatch
+from radixlm.distributed.parallel_state import destroy_tp_group, get_tp_group, init_tp_group, tp_all_reduce_min
+from radixlm.engine import tp_worker
 from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
 from radixlm.engine.host_memory import keep_freed_host_memory
 from radixlm.engine.sampler import SampleOutput, Sampler
+from radixlm.layers.linear import kv_head_sharding
 from radixlm.mem.allocator import TokenToKVPoolAllocator
 from radixlm.mem.host_copy import to_device_int64
 from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
@@ -52,33 +61,78 @@ class RunnerConfig:
     # max_running_requests); CUDA with the triton backend only
     cuda_graph_max_bs: Optional[int] = None
     disable_cuda_graph: bool = False
+    # tensor parallelism: this process is rank tp_rank of tp_size, rendezvous at dist_init_addr (host:port)
+    tp_size: int = default_of("tp_size")
+    tp_rank: int = 0
+    dist_init_addr: Optional[str] = None
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig):
+    def __init__(self, model_config: ModelConfig, cfg: RunnerConfig,
+                 peers_alive: Optional[Callable[[], Optional[str]]] = None):
         self.model_config = model_config
         self.cfg = cfg
         self.device = cfg.device
         if str(cfg.device) == "cpu":
             keep_freed_host_memory()
         torch.manual_seed(cfg.random_seed)
+        self.tp = self._init_tensor_parallel(peers_alive)
+        self.tp_broken: Optional[str] = None  # why the group failed (then every forward fails at once)
+        self.on_tp_failure: Callable[[BaseException], None] = lambda e: None  # the server exits here
+        self.num_heads = model_config.num_heads // self.tp.size  # this rank's heads
+        self.num_kv_heads = kv_head_sharding(model_config.num_heads, model_config.num_kv_heads, self.tp.size,
+                                             self.tp.rank)[0]
         self.model = load_model(model_config, cfg.device, cfg.load_format, cfg.random_seed, cfg.show_progress)
-        self.max_total_num_tokens = self._kv_capacity()
+        self.max_total_num_tokens = tp_all_reduce_min(self._kv_capacity())  # what every rank can hold
         self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, cfg.page_size, device=cfg.device)
         self.token_to_kv_pool = MHATokenToKVPool(
-            self.allocator.num_slots_total, model_config.num_layers, model_config.num_kv_heads,
+            self.allocator.num_slots_total, model_config.num_layers, self.num_kv_heads,
             model_config.head_dim, model_config.dtype, cfg.device)
         self.req_to_token_pool = ReqToTokenPool(cfg.max_running_requests + 1, model_config.context_len + 1,
                                                 cfg.device)
-        self.attn_backend = create_attention_backend(cfg.attention_backend, cfg.device,
-                                                     num_q_heads=model_config.num_heads)
+        self.attn_backend = create_attention_backend(self._attention_backend_name(), cfg.device,
+                                                     num_q_heads=self.num_heads)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
         self.cuda_graph_runner = create_cuda_graph_runner(self)  # captures now; None when graphs are off
 
     # ------------------------------------------------------------------ set-up
+    def _init_tensor_parallel(self, peers_alive):
+        cfg = self.cfg
+        if cfg.tp_size == 1:
+            return get_tp_group()
+        self.model_config.check_tensor_parallel(cfg.tp_size)  # before waiting for the other ranks
+        if not cfg.dist_init_addr:
+            raise ValueError("tp_size > 1 needs dist_init_addr (host:port of rank 0's rendezvous)")
+        return init_tp_group(cfg.tp_rank, cfg.tp_size, cfg.dist_init_addr, cfg.device, peers_alive=peers_alive)
+
+    def _attention_backend_name(self) -> str:
+        name = resolve_backend_name(self.cfg.attention_backend, self.device)
+        if self.tp.size > 1 and name != "torch_native":
+            if self.cfg.attention_backend != "auto":
+                raise ValueError(f"tp_size {self.tp.size} with attention_backend {name!r} is untested (tensor "
+                                 "parallelism is tested on CPU with torch_native): use --attention-backend "
+                                 "torch_native")
+            logger.warning("tp_size %d: the torch_native attention backend is used (%s with tensor "
+                           "parallelism is untested on GPU)", self.tp.size, name)
+            return "torch_native"
+        return name
+
+    def shutdown(self) -> None:
+        """Rank 0: tells the followers to stop (they return from run_follower); every rank: leaves
+        the group. Safe to call twice and when the group already failed."""
+        if self.tp.size == 1:
+            return
+        if self.tp.is_leader and self.tp_broken is None:
+            try:
+                tp_worker.send_stop()
+            except Exception as e:  # noqa: BLE001 - a follower already gone
+                logger.warning("could not stop the tensor-parallel followers: %s", e)
+        self.tp_broken = self.tp_broken or "shut down"
+        destroy_tp_group()
+
     def _kv_capacity(self) -> int:
         mc = self.model_config
-        per_token = MHATokenToKVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype)
+        per_token = MHATokenToKVPool.bytes_per_token(mc.num_layers, self.num_kv_heads, mc.head_dim, mc.dtype)
         if self.cfg.max_total_tokens is not None:
             if self.cfg.max_total_tokens < self.cfg.page_size:
                 raise ValueError("max_total_tokens must hold at least one page")
@@ -132,11 +186,40 @@ class ModelRunner:
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
         fb = self.build_forward_batch(batch)
+        if self.tp.size == 1:
+            return self.run_forward_batch(fb)
+        return self._tp_call(lambda: (tp_worker.send_forward(fb), self.run_forward_batch(fb))[1])
+
+    def run_forward_batch(self, fb: ForwardBatch):
+        """(logits at every request's last new token [B, vocab], hidden [T, h]) of a built step; the
+        followers of tensor parallelism call this for each step rank 0 sends."""
         self.attn_backend.init_forward_metadata(fb)
         with forward_context(fb):
             hidden = self.model(fb.input_ids, fb.positions)
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
         return self.model.compute_logits(hidden[last]), hidden
+
+    def run_follower(self) -> None:
+        """A tensor-parallel rank other than 0: runs rank 0's steps until it stops (engine/tp_worker.py)."""
+        if self.tp.is_leader:
+            raise RuntimeError("rank 0 runs the scheduler, not the follower loop")
+        tp_worker.run_follower(self)
+
+    def _tp_call(self, fn):
+        if self.tp_broken is not None:
+            raise RuntimeError(f"the tensor-parallel group is unusable ({self.tp_broken})")
+        try:
+            return fn()
+        except BaseException as e:
+            self.tp_broken = f"{type(e).__name__}: {e}"
+            logger.error("tensor-parallel forward failed; the group is unusable: %s", self.tp_broken)
+            self.on_tp_failure(e)
+            raise
+
+    def _logits_at(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.model.compute_logits(hidden[idx])
+        return self._tp_call(lambda: (tp_worker.send_logits(idx), self.model.compute_logits(hidden[idx]))[1])
 
     @torch.inference_mode()
     def forward_and_sample(self, batch: ScheduleBatch, defer_host_copy: bool = False) -> SampleOutput:
@@ -171,7 +254,7 @@ class ModelRunner:
             for c in range(a, b, INPUT_LOGPROB_CHUNK):
                 d = min(b, c + INPUT_LOGPROB_CHUNK)
                 idx = torch.arange(offset + c - pre, offset + d - pre, device=hidden.device)
-                lps = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+                lps = torch.log_softmax(self._logits_at(hidden, idx).float(), dim=-1)
                 targets = torch.tensor(fill[c + 1:d + 1], device=lps.device)
                 chosen = lps.gather(1, targets[:, None]).squeeze(1).tolist()
                 tops = [None] * (d - c)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List
 
@@ -25,6 +26,7 @@ from radixlm.managers.request_builder import RequestBuilder
 from radixlm.managers.scheduler_process import create_scheduler, scheduler_state
 from radixlm.managers.scheduler_thread import SchedulerThread
 from radixlm.managers.tokenizer import get_tokenizer
+from radixlm.managers.tp_launch import first_dead, prepare_tp_args, start_tp_followers, stop_processes
 from radixlm.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -32,11 +34,17 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model_path=None, **kwargs):
-        self.server_args = args = ServerArgs(model_path=model_path, **kwargs)
+        self.server_args = args = prepare_tp_args(ServerArgs(model_path=model_path, **kwargs))
         logging.getLogger("radixlm").setLevel(args.log_level.upper())
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                              args.trust_remote_code)
-        self.scheduler = create_scheduler(args, self.tokenizer)
+        # tp_size > 1: this process is rank 0, the other ranks are child processes (radixlm/managers/tp_launch.py)
+        self._tp_procs = start_tp_followers(args, os.getpid()) if args.tp_size > 1 else []
+        try:
+            self.scheduler = create_scheduler(args, self.tokenizer, peers_alive=lambda: first_dead(self._tp_procs))
+        except BaseException:
+            stop_processes(self._tp_procs, timeout=0)
+            raise
         self.model_config = self.scheduler.runner.model_config
         self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
                                                        self.model_config.context_len)
@@ -100,6 +108,11 @@ class Engine:
     def shutdown(self) -> None:
         if self.loop.thread.is_alive():
             self.loop.stop()
+        if self._tp_procs:  # no forward runs now: the followers are told to stop, then joined
+            self.scheduler.shutdown()
+            self.scheduler.runner.shutdown()
+            stop_processes(self._tp_procs)
+            self._tp_procs = []
 
     def __enter__(self) -> "Engine":
         return self

@@ -1,20 +1,22 @@
-"""Linear layers shaped for tensor parallelism (world size 1 today).
+"""Linear layers split across the tensor-parallel ranks (SGLang's / vLLM's shapes).
 
 Owns: `ColumnParallelLinear` (output dim split across ranks), `MergedColumnParallelLinear`
-(gate/up packed), `QKVParallelLinear` (q/k/v packed), `RowParallelLinear` (input dim split).
-Each parameter carries a `weight_loader(param, loaded, shard_id)` so the model loader can put
-HF's separate q/k/v or gate/up tensors into the packed parameter without knowing its layout.
+(gate/up packed), `QKVParallelLinear` (q/k/v packed; KV heads split, or replicated when there are
+fewer KV heads than ranks), `RowParallelLinear` (input dim split; its partial sums are all-reduced).
+Each parameter carries a `weight_loader(param, loaded, shard_id)` that takes the full checkpoint
+tensor and copies this rank's shard, so the model loader puts HF's separate q/k/v or gate/up
+tensors into the packed parameter without knowing its layout or the rank.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from radixlm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from radixlm.layers import cpu_linear
-from radixlm.layers.parallel_state import get_tp_rank, get_tp_size
 
 
 def _attach(param: nn.Parameter, loader) -> nn.Parameter:
@@ -28,18 +30,39 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def kv_head_sharding(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> Tuple[int, int]:
+    """(KV heads on this rank, index of this rank's KV shard) as SGLang does it: split when there are
+    at least tp KV heads, else each rank holds the one KV head its query heads use (replicated)."""
+    if num_heads % tp:
+        raise ValueError(f"tp_size {tp} does not divide num_attention_heads {num_heads}")
+    if num_kv_heads >= tp:
+        if num_kv_heads % tp:
+            raise ValueError(f"tp_size {tp} does not divide num_key_value_heads {num_kv_heads}")
+        return num_kv_heads // tp, rank
+    if tp % num_kv_heads:
+        raise ValueError(f"num_key_value_heads {num_kv_heads} does not divide tp_size {tp} "
+                         "(fewer KV heads than ranks are replicated, which needs tp_size to be a multiple)")
+    return 1, rank // (tp // num_kv_heads)
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's output rows split over the tensor-parallel ranks."""
+    """y = x W^T + b with W's output rows split over the tensor-parallel ranks. The packed pieces
+    (`output_sizes`, full sizes) are each split evenly; `shards` overrides that with explicit
+    (rows on this rank, shard index, number of shards) per piece (QKV's replicated KV heads)."""
 
     def __init__(self, input_size: int, output_sizes: List[int], bias: bool = False,
-                 params_dtype: Optional[torch.dtype] = None):
+                 params_dtype: Optional[torch.dtype] = None,
+                 shards: Optional[List[Tuple[int, int, int]]] = None):
         super().__init__()
         tp = get_tp_size()
-        for s in output_sizes:
-            if s % tp:
-                raise ValueError(f"output size {s} is not divisible by tp_size {tp}")
+        if shards is None:
+            for s in output_sizes:
+                if s % tp:
+                    raise ValueError(f"output size {s} is not divisible by tp_size {tp}")
+            shards = [(s // tp, get_tp_rank(), tp) for s in output_sizes]
         self.input_size = input_size
-        self.output_sizes = [s // tp for s in output_sizes]  # per-rank shard sizes
+        self.shards = shards
+        self.output_sizes = [size for size, _, _ in shards]  # per-rank shard sizes
         out = sum(self.output_sizes)
         dtype = params_dtype or torch.get_default_dtype()
         self.weight = _attach(nn.Parameter(torch.empty(out, input_size, dtype=dtype), requires_grad=False),
@@ -48,18 +71,18 @@ class ColumnParallelLinear(nn.Module):
                      if bias else None)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
-    def _shard_offset(self, shard_id: Optional[int]) -> tuple:
-        if shard_id is None:
-            return 0, sum(self.output_sizes)
-        return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]
-
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
-        offset, size = self._shard_offset(shard_id)
-        full = loaded.shape[0] // get_tp_size()
-        if full != size:
-            raise ValueError(f"checkpoint shard has {loaded.shape[0]} rows, expected {size * get_tp_size()}")
-        loaded = loaded.narrow(0, get_tp_rank() * size, size)
-        param.data.narrow(0, offset, size).copy_(loaded)
+        if shard_id is None and len(self.shards) > 1:
+            if get_tp_size() == 1:  # an already packed tensor
+                default_weight_loader(param, loaded)
+                return
+            raise ValueError("with tp_size > 1 a packed layer loads its pieces by shard id")
+        shard_id = shard_id or 0
+        size, index, count = self.shards[shard_id]
+        if loaded.shape[0] != size * count:
+            raise ValueError(f"checkpoint shard has {loaded.shape[0]} rows, expected {size * count}")
+        offset = sum(self.output_sizes[:shard_id])
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_linear.linear(x, self.weight, self.bias, self.cpu_packed_weight)
@@ -70,12 +93,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections packed into one matmul; shard ids "q", "k", "v"."""
+    """q, k and v projections packed into one matmul; shard ids "q", "k", "v". This rank computes
+    `num_heads_per_rank` query heads and `num_kv_heads_per_rank` KV heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  params_dtype: Optional[torch.dtype] = None):
-        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                         bias=bias, params_dtype=params_dtype)
+        tp, rank = get_tp_size(), get_tp_rank()
+        kv_per_rank, kv_index = kv_head_sharding(num_heads, num_kv_heads, tp, rank)
+        kv_shards = num_kv_heads // kv_per_rank
+        q = (num_heads // tp * head_dim, rank, tp)
+        kv = (kv_per_rank * head_dim, kv_index, kv_shards)
+        super().__init__(hidden_size, [], bias=bias, params_dtype=params_dtype, shards=[q, kv, kv])
+        self.num_heads_per_rank = num_heads // tp
+        self.num_kv_heads_per_rank = kv_per_rank
 
     def weight_loader(self, param, loaded, shard_id=None):
         idx = {"q": 0, "k": 1, "v": 2}[shard_id] if shard_id is not None else None
@@ -83,7 +113,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's input columns split over the ranks (an all-reduce follows when tp > 1)."""
+    """y = x W^T + b with W's input columns split over the ranks; the partial products are summed
+    by an all-reduce, then the bias (whole on every rank) is added once."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: Optional[torch.dtype] = None):
@@ -101,12 +132,13 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = self.input_size_per_rank
+        if loaded.shape[1] != size * get_tp_size() or loaded.shape[0] != param.shape[0]:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs parameter {tuple(param.shape)} "
+                             f"x tp_size {get_tp_size()}")
         param.data.copy_(loaded.narrow(1, get_tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_linear.linear(x, self.weight, None, self.cpu_packed_weight)
-        if get_tp_size() > 1:  # pragma: no cover - multi-rank path arrives with tensor parallelism
-            torch.distributed.all_reduce(y)
+        y = tp_all_reduce(cpu_linear.linear(x, self.weight, None, self.cpu_packed_weight))
         if self.bias is not None:
             y = y + self.bias
         return y

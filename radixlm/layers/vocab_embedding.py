@@ -1,7 +1,10 @@
-"""Vocabulary-parallel embedding and LM head (world size 1 today).
+"""Vocabulary-parallel embedding and LM head.
 
-Owns the [vocab, hidden] tables. The vocabulary is split in contiguous ranges across TP ranks;
-with one rank the range is the whole vocabulary.
+Owns the [vocab, hidden] tables. The vocabulary is split in contiguous ranges of
+ceil(vocab / tp) rows across the TP ranks (the last range padded with zero rows); with one rank
+the range is the whole vocabulary. The embedding looks up the ids in this rank's range (zeros for
+the others) and all-reduces; the LM head computes this rank's slice of the logits and all-gathers
+them (padding columns cut off), so every rank ends with the full [T, vocab] logits.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from radixlm.layers import cpu_linear
-from radixlm.layers.parallel_state import get_tp_rank, get_tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -29,15 +32,22 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        rows = min(self.per_rank, loaded.shape[0] - self.vocab_start)
         if loaded.shape[1] != param.shape[1]:
             raise ValueError(f"embedding width {loaded.shape[1]} != {param.shape[1]}")
+        if loaded.shape[0] != self.num_embeddings:
+            raise ValueError(f"embedding has {loaded.shape[0]} rows, the config's vocab_size is {self.num_embeddings}")
+        rows = max(0, min(self.per_rank, loaded.shape[0] - self.vocab_start))
         param.data[:rows].copy_(loaded[self.vocab_start:self.vocab_start + rows])
+        param.data[rows:].zero_()  # padding rows of the last range
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:
             return F.embedding(input_ids, self.weight)
-        raise NotImplementedError("tensor-parallel embedding")  # pragma: no cover
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0.0)
+        return tp_all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -48,4 +58,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(hidden, self.weight, None, self.cpu_packed_weight)
+        logits = cpu_linear.linear(hidden, self.weight, None, self.cpu_packed_weight)
+        if get_tp_size() == 1:
+            return logits
+        return tp_all_gather(logits, dim=-1)[..., :self.num_embeddings]

@@ -38,15 +38,35 @@ from radixlm.server_args import ServerArgs, derive_config
 logger = logging.getLogger(__name__)
 
 
-def create_scheduler(args: ServerArgs, tokenizer=None):
-    from radixlm.constrained import create_grammar_backend
+def rank_device(args: ServerArgs, tp_rank: int) -> str:
+    """The device of a tensor-parallel rank: its node-local index on CUDA ("cuda" -> cuda:i,
+    "cuda:N" -> cuda:N+i), the CPU otherwise."""
+    device = args.resolved_device
+    if args.tp_size == 1 or not device.startswith("cuda"):
+        return device
+    local = tp_rank % (args.tp_size // args.nnodes)
+    base = int(device.split(":")[1]) if ":" in device else 0
+    return f"cuda:{base + local}"
+
+
+def create_model_runner(args: ServerArgs, tp_rank: int = 0, peers_alive=None):
+    """The model runner of one rank (with tp_size > 1 it joins the group: the other ranks must start;
+    `peers_alive`, see ModelRunner)."""
     from radixlm.engine.model_runner import ModelRunner, RunnerConfig
     from radixlm.models.model_config import ModelConfig
-    from radixlm.sched.scheduler import Scheduler, SchedulerConfig
 
     model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
-    runner = ModelRunner(model_config, derive_config(
-        RunnerConfig, args, device=args.resolved_device, max_running_requests=args.resolved_max_running_requests))
+    return ModelRunner(model_config, derive_config(
+        RunnerConfig, args, device=rank_device(args, tp_rank), max_running_requests=args.resolved_max_running_requests,
+        tp_rank=tp_rank), peers_alive=peers_alive)
+
+
+def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
+    from radixlm.constrained import create_grammar_backend
+    from radixlm.sched.scheduler import Scheduler, SchedulerConfig
+
+    runner = create_model_runner(args, peers_alive=peers_alive)
+    model_config = runner.model_config
     decode_tail = encode_text = grammar_factory = None
     if tokenizer is not None:
         def decode_tail(ids):
@@ -109,6 +129,14 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _exit_on_tp_failure(e: BaseException) -> None:
+    """A failed collective leaves the ranks out of step: rank 0 exits, and the tokenizer manager's
+    watchdog answers 503 and stops the server."""
+    logger.error("tensor-parallel group failed (%s: %s); the scheduler exits", type(e).__name__, e)
+    logging.shutdown()
+    os._exit(1)
+
+
 @dataclass
 class IPCNames:
     scheduler_input: str  # tokenizer manager -> scheduler
@@ -134,6 +162,7 @@ def run_scheduler_process(args: ServerArgs, ipc: IPCNames, parent_pid: int) -> N
         tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                         args.trust_remote_code)
         scheduler = create_scheduler(args, tokenizer)
+        scheduler.runner.on_tp_failure = _exit_on_tp_failure
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which exits with it
         to_tokenizer.send(encode(SchedulerReady(False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
         time.sleep(0.5)

@@ -1,8 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) with packed qkv and gate_up.
 
 Owns the forward math of these architectures; `load_weights` maps HF tensor names onto the packed
-parameters through each parameter's `weight_loader`. Differences between the families are flags:
-qkv bias (Qwen2), q/k RMSNorm per head (Qwen3), explicit head_dim, tied embeddings.
+parameters through each parameter's `weight_loader` (which takes this tensor-parallel rank's shard:
+attention heads, MLP columns and vocabulary rows are split across ranks, see layers/). Differences
+between the families are flags: qkv bias (Qwen2), q/k RMSNorm per head (Qwen3), explicit head_dim,
+tied embeddings.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         attention_bias = bool(cfg.get("attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(h, d, self.num_heads, self.num_kv_heads, bias=qkv_bias or attention_bias)
-        self.o_proj = RowParallelLinear(self.q_size, h, bias=attention_bias)
+        self.qkv_proj = QKVParallelLinear(h, d, cfg.num_heads, cfg.num_kv_heads, bias=qkv_bias or attention_bias)
+        # this tensor-parallel rank's heads (all of them with one rank)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads_per_rank, self.qkv_proj.num_kv_heads_per_rank
+        self.head_dim = d
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, h, bias=attention_bias)
         self.rotary_emb = RotaryEmbedding(d, cfg.context_len, cfg.rope_theta, cfg.rope_scaling)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(d, eps) if qk_norm else None

@@ -110,3 +110,31 @@ class ModelConfig:
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(self.hf_config.get("tie_word_embeddings", False))
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def tensor_parallel_problems(self, tp_size: int) -> List[str]:
+        """Why this model cannot be split over `tp_size` ranks (empty when it can): query heads and
+        the MLP's intermediate size must divide; KV heads must divide, or (fewer KV heads than ranks,
+        each then replicated) divide tp_size. The vocabulary is padded, so it needs nothing."""
+        if tp_size == 1:
+            return []
+        problems = []
+        if self.num_heads % tp_size:
+            problems.append(f"num_attention_heads {self.num_heads} is not divisible by tp_size {tp_size}")
+        kv = self.num_kv_heads
+        if kv >= tp_size and kv % tp_size:
+            problems.append(f"num_key_value_heads {kv} is not divisible by tp_size {tp_size}")
+        if kv < tp_size and tp_size % kv:
+            problems.append(f"tp_size {tp_size} is not a multiple of num_key_value_heads {kv} (needed to "
+                            "replicate KV heads when there are fewer than ranks)")
+        inter = self.get("intermediate_size")
+        if inter is not None and inter % tp_size:
+            problems.append(f"intermediate_size {inter} is not divisible by tp_size {tp_size}")
+        return problems
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """A clear ValueError naming tp_size when the model cannot be split over tp_size ranks."""
+        problems = self.tensor_parallel_problems(tp_size)
+        if problems:
+            raise ValueError(f"tp_size {tp_size} cannot split {self.architecture} ({self.model_path}): "
+                             + "; ".join(problems))

@@ -1,0 +1,2 @@
+"""Tensor parallelism's process groups and collectives (torch.distributed: gloo on CPU, NCCL on
+CUDA). See parallel_state.py."""
