@@ -327,3 +327,37 @@ def test_dp2_cache_aware_beats_round_robin_and_children_die_with_the_launcher(dp
     assert len(kids) >= 3
     assert dp_cache_aware.stop(signal.SIGTERM) == 0
     assert _wait_gone(kids) == []
+
+
+# ------------------------------------------------------------------------------ bench_serving behind a router
+def test_bench_server_stats_sum_over_router_workers(monkeypatch):
+    from radixlm.bench import serving
+
+    infos = {"http://r": {"router_manager": True},
+             "http://a": {"model_path": "M", "tokenizer_path": "M", "prefill_cached_tokens": 10,
+                          "prefill_new_tokens": 5},
+             "http://b": {"model_path": "M", "tokenizer_path": "M", "prefill_cached_tokens": 1,
+                          "prefill_new_tokens": 2}}
+
+    def fake(base, path):
+        if path == "/workers":
+            return {"workers": [{"url": "http://a"}, {"url": "http://b"}]} if base == "http://r" else None
+        return infos.get(base)
+
+    monkeypatch.setattr(serving, "_get_json", fake)
+    before = serving.server_stats("http://r")
+    assert (before["prefill_cached_tokens"], before["prefill_new_tokens"], before["model_path"]) == (11, 7, "M")
+    assert serving.server_stats("http://a") is infos["http://a"]  # a plain server: its own answer
+    infos["http://b"] = {**infos["http://b"], "prefill_cached_tokens": 31, "prefill_new_tokens": 4}
+    after = serving.server_stats("http://r")
+    assert serving.per_worker_delta(before, after) == [
+        {"worker": "http://a", "prefill_cached_tokens": 0, "prefill_new_tokens": 0},
+        {"worker": "http://b", "prefill_cached_tokens": 30, "prefill_new_tokens": 2}]
+
+
+def test_bench_router_settings_parse():
+    from radixlm.bench import serving
+
+    args = serving.build_parser().parse_args(["--compare", "cache_aware,round_robin", "--dp-size", "3"])
+    assert args.dp_size == 3 and not args.send_text
+    assert serving.SETTING_FLAGS["round_robin"] == ["--router-policy", "round_robin"]

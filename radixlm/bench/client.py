@@ -1,7 +1,10 @@
 """Streaming HTTP clients for bench_serving: radixlm's native /generate and OpenAI /v1/completions.
 
 Both send token ids (native: `input_ids`; OpenAI: `prompt` as a list of ids, which OpenAI-compatible
-servers accept), greedy, `ignore_eos`, so prompt and output lengths are token-exact.
+servers accept), greedy, `ignore_eos`, so prompt and output lengths are token-exact. With `as_text`
+(a detokenizer) they send the prompt as text instead (native `text`, OpenAI `prompt` string): what a
+router that routes on text (sglang-router's cache_aware) needs; the server's count of prompt tokens
+is then read back from the response.
 TTFT = time to the first chunk carrying output; ITL = gaps between chunks, spread evenly over the
 tokens a chunk brings (native backend; OpenAI chunks count as one token each).
 """
@@ -60,8 +63,10 @@ def _start(payload: dict, extra: Optional[dict], prompt_ids: List[int], t_origin
 
 
 async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
-                         t_origin: float, extra: Optional[dict] = None) -> RequestResult:
-    payload = {"input_ids": prompt_ids, "stream": True,
+                         t_origin: float, extra: Optional[dict] = None,
+                         as_text: Optional[Callable[[List[int]], str]] = None) -> RequestResult:
+    prompt = {"input_ids": prompt_ids} if as_text is None else {"text": as_text(prompt_ids)}
+    payload = {**prompt, "stream": True,
                "sampling_params": {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}}
     res, st = _start(payload, extra, prompt_ids, t_origin)
     last = st
@@ -93,8 +98,10 @@ async def request_native(client: httpx.AsyncClient, base_url: str, prompt_ids: L
 
 async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
                          t_origin: float, model: str, tokenize: Optional[Callable] = None,
-                         extra: Optional[dict] = None) -> RequestResult:
-    payload = {"model": model, "prompt": prompt_ids, "max_tokens": output_len, "temperature": 0,
+                         extra: Optional[dict] = None,
+                         as_text: Optional[Callable[[List[int]], str]] = None) -> RequestResult:
+    prompt = prompt_ids if as_text is None else as_text(prompt_ids)
+    payload = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     res, st = _start(payload, extra, prompt_ids, t_origin)
     last = st

@@ -1,4 +1,5 @@
-"""Starts a radixlm server on a free loopback port for a side-by-side benchmark run."""
+"""Starts a radixlm server on a free loopback port for a side-by-side benchmark run (with `--dp-size
+N` in its flags: N replicas behind sglang-router, ready when the router's `/readiness` answers)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def free_port() -> int:
 
 
 class LaunchedServer:
-    def __init__(self, model_path: str, extra_args: Optional[List[str]] = None, timeout: float = 300.0):
+    def __init__(self, model_path: str, extra_args: Optional[List[str]] = None, timeout: float = 300.0,
+                 ready_path: str = "/health"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", model_path, "--port", str(self.port),
@@ -34,7 +36,7 @@ class LaunchedServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early ({' '.join(cmd)}):\n{self.output()}")
             try:
-                if httpx.get(self.base_url + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.base_url + ready_path, timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -131,6 +131,8 @@ def format_summary(m: Dict, title: str = "Serving Benchmark Result") -> str:
     row("Concurrency:", m["concurrency"], "{:<10.2f}")
     if "server_cache_hit_rate" in m:
         row("Server cache hit rate:", f"{100 * m['server_cache_hit_rate']:.2f}%")
+    for i, w in enumerate(m.get("server_workers") or []):  # behind a router: each replica's share
+        row(f"Replica {i} cached / new tokens:", f"{w['prefill_cached_tokens']} / {w['prefill_new_tokens']}")
     if "client_overhead_ratio" in m:
         row("Client overhead vs server E2E:", f"{100 * m['client_overhead_ratio']:.2f}%")
     sec("End-to-End Latency")

@@ -12,6 +12,15 @@ through HF transformers `generate` in this process, then printing the ratios:
         --compare radix,no-radix,hf --dataset-name agent-multiturn --num-sessions 8 --num-turns 4 \
         --system-prompt-len 1500 --turn-len 150
 
+Data parallelism behind the real sglang-router (`pip install sglang-router`), router policies side
+by side (each setting launches `launch_server --dp-size N --router-policy P`; prompts go as text,
+which the router's cache_aware policy matches on; cache figures are summed over the replicas the
+router lists at /workers):
+
+    python -m radixlm.bench_serving --launch-server --model-path models/bench-qwen2-medium --dp-size 2 \
+        --compare cache_aware,round_robin --backend openai --dataset-name generated-shared-prefix \
+        --gsp-num-groups 4 --gsp-prompts-per-group 8
+
 Datasets: random, generated-shared-prefix, agent-multiturn, sharegpt (local JSON via --dataset-path).
 Prompts are token ids (native backend: `input_ids`; openai backend: `prompt` as ids) so lengths are
 token-exact. Ctrl-C prints the summary of what finished.
@@ -33,8 +42,10 @@ import httpx
 from radixlm.bench import datasets as ds
 from radixlm.bench.metrics import RequestResult, cache_delta, format_summary, summarize
 
-SETTINGS = ("radix", "no-radix", "no-overlap", "hf")
-SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"]}
+ROUTER_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # --dp-size N behind sglang-router
+SETTINGS = ("radix", "no-radix", "no-overlap", "hf") + ROUTER_POLICIES
+SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"],
+                 **{p: ["--router-policy", p] for p in ROUTER_POLICIES}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--launch-server", action="store_true", help="start the server(s) here (needs --model-path)")
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--compare", default=None,
-                    help="with --launch-server: comma list of radix,no-radix,no-overlap,hf, run side by side "
-                         "(no-overlap: radix with --disable-overlap-schedule)")
+                    help="with --launch-server: comma list of radix,no-radix,no-overlap,hf and router policies "
+                         "(cache_aware,round_robin,power_of_two,random: --dp-size replicas behind sglang-router), "
+                         "run side by side (no-overlap: radix with --disable-overlap-schedule)")
+    ap.add_argument("--dp-size", type=int, default=2, help="replicas behind the router for the router-policy "
+                                                           "settings of --compare")
+    ap.add_argument("--send-text", action="store_true",
+                    help="send prompts as text (decoded from the generated ids) instead of token ids; on by "
+                         "default for router-policy settings (sglang-router routes on text)")
     ap.add_argument("--server-args", default="", help="extra launch_server flags for launched servers")
     ap.add_argument("--hf-batch-size", type=int, default=None, help="hf peer batch size (default: all requests)")
     ap.add_argument("--hf-agent-mode", choices=["served", "per-call"], default="served",
@@ -199,10 +216,53 @@ def _get_json(base_url: str, path: str) -> Optional[Dict]:
         return None
 
 
+CACHE_KEYS = ("prefill_cached_tokens", "prefill_new_tokens")
+
+
+def server_stats(base_url: str) -> Optional[Dict]:
+    """/get_server_info of a radixlm server; behind sglang-router (whose /get_server_info has no
+    scheduler stats) the cache counters summed over the workers it lists at /workers, with each
+    worker's own counters under "workers"."""
+    info = _get_json(base_url, "/get_server_info")
+    if info is not None and "prefill_cached_tokens" in info:
+        return info
+    listed = (_get_json(base_url, "/workers") or {}).get("workers") or []
+    per = {}
+    for w in listed:
+        wi = _get_json(w["url"], "/get_server_info")
+        if wi is not None and "prefill_cached_tokens" in wi:
+            per[w["url"]] = wi
+    if not per:
+        return info
+    first = next(iter(per.values()))
+    out = {k: first.get(k) for k in ("model_path", "tokenizer_path")}
+    out.update({k: sum(wi[k] for wi in per.values()) for k in CACHE_KEYS})
+    out["workers"] = {u: {k: wi[k] for k in CACHE_KEYS} for u, wi in per.items()}
+    return out
+
+
+def per_worker_delta(before: Optional[Dict], after: Optional[Dict]) -> Optional[List[Dict]]:
+    """Cached / new prompt tokens each router worker computed during the run."""
+    if not before or not after or "workers" not in after:
+        return None
+    rows = []
+    for url, a in sorted(after["workers"].items()):
+        b = (before.get("workers") or {}).get(url, {})
+        rows.append({"worker": url, **{k: a[k] - b.get(k, 0) for k in CACHE_KEYS}})
+    return rows
+
+
 def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Callable:
     from radixlm.bench.client import request_native, request_openai
 
     extra = json.loads(args.extra_request_body) if args.extra_request_body else None
+    as_text = None
+    if getattr(args, "send_text", False):
+        if tokenizer is None:
+            raise SystemExit("--send-text needs a tokenizer: --tokenizer DIR")
+
+        def as_text(ids):
+            return tokenizer.decode(ids)
     if args.backend == "openai":
         model = args.model
         if model is None:
@@ -211,10 +271,10 @@ def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Ca
         tok = (lambda t: tokenizer.encode(t, add_special_tokens=False)) if tokenizer is not None else None
 
         def send(prompt, n, t0):
-            return request_openai(client, base_url, prompt, n, t0, model, tok, extra)
+            return request_openai(client, base_url, prompt, n, t0, model, tok, extra, as_text)
     else:
         def send(prompt, n, t0):
-            return request_native(client, base_url, prompt, n, t0, extra)
+            return request_native(client, base_url, prompt, n, t0, extra, as_text)
     return send
 
 
@@ -231,7 +291,7 @@ def run_against_server(args, base_url: str, wl: Workload, tokenizer, label: str 
             if args.flush_cache:
                 await client.post(base_url + "/flush_cache")
             nonlocal t0, before
-            before = _get_json(base_url, "/get_server_info")
+            before = server_stats(base_url)
             t0 = time.perf_counter()
             await _run(send, wl, args, results, t0, pbar)
 
@@ -244,9 +304,12 @@ def run_against_server(args, base_url: str, wl: Workload, tokenizer, label: str 
         interrupted = True
     duration = time.perf_counter() - t0
     pbar.close()
-    after = _get_json(base_url, "/get_server_info")
+    after = server_stats(base_url)
     m = summarize(results, duration, backend=args.backend, dataset_name=wl.name, request_rate=args.request_rate,
                   max_concurrency=args.max_concurrency, server_cache=cache_delta(before, after))
+    workers = per_worker_delta(before, after)
+    if workers is not None:
+        m["server_workers"] = workers
     m["interrupted"] = interrupted
     m["label"] = label or args.backend
     if interrupted:
@@ -284,7 +347,8 @@ def run_hf(args, wl: Workload, label: str = "hf") -> Tuple[Dict, List]:
 def comparison_table(ms: Dict[str, Dict]) -> str:
     keys = [("mean_ttft_ms", "Mean TTFT (ms)", "lower"), ("mean_ttft_turn_ge2_ms", "Mean TTFT turns>=2 (ms)", "lower"),
             ("mean_e2e_latency_ms", "Mean E2E (ms)", "lower"), ("output_throughput", "Output tok/s", "higher"),
-            ("total_throughput", "Total tok/s", "higher"), ("server_cache_hit_rate", "Cache hit rate", None)]
+            ("total_throughput", "Total tok/s", "higher"), ("request_throughput", "Requests/s", "higher"),
+            ("server_cache_hit_rate", "Cache hit rate", None), ("server_cached_tokens", "Cached tokens", None)]
     labels = list(ms)
     L = [" Side-by-side ".center(50 + 14 * max(0, len(labels) - 2), "="),
          "{:<28}".format("") + "".join("{:>14}".format(lb) for lb in labels)]
@@ -294,7 +358,8 @@ def comparison_table(ms: Dict[str, Dict]) -> str:
         cells = []
         for lb in labels:
             v = ms[lb].get(k)
-            cells.append("-" if v is None else (f"{100 * v:.2f}%" if k == "server_cache_hit_rate" else f"{v:.2f}"))
+            cells.append("-" if v is None else f"{100 * v:.2f}%" if k == "server_cache_hit_rate"
+                         else f"{v:d}" if isinstance(v, int) else f"{v:.2f}")
         L.append("{:<28}".format(name) + "".join("{:>14}".format(c) for c in cells))
     base = labels[0]
     L.append(f"Ratios ({base} vs each; > 1 means {base} is better):")
@@ -344,8 +409,12 @@ def main(argv=None) -> int:
                     from radixlm.bench.launcher import LaunchedServer
 
                     extra = shlex.split(args.server_args) + SETTING_FLAGS[s]
-                    with LaunchedServer(args.model_path, extra) as srv:
-                        m, res = run_against_server(args, srv.base_url, wl, tokenizer, label=s)
+                    run_args, ready = args, "/health"
+                    if s in ROUTER_POLICIES:  # N replicas behind sglang-router, which routes on text
+                        extra += ["--dp-size", str(args.dp_size)]
+                        run_args, ready = argparse.Namespace(**{**vars(args), "send_text": True}), "/readiness"
+                    with LaunchedServer(args.model_path, extra, ready_path=ready) as srv:
+                        m, res = run_against_server(run_args, srv.base_url, wl, tokenizer, label=s)
                 m["label"] = s
                 runs[s] = (m, res)
                 print(format_summary(m, f"Serving Benchmark Result: {s}"))
@@ -354,7 +423,7 @@ def main(argv=None) -> int:
                 print(comparison_table({k: v[0] for k, v in runs.items()}))
         else:
             base_url = args.base_url or f"http://{args.host}:{args.port}"
-            info = _get_json(base_url, "/get_server_info") or {}
+            info = server_stats(base_url) or {}
             tokenizer = load_tokenizer(args.tokenizer or info.get("tokenizer_path") or info.get("model_path"))
             wl = build_workload(args, tokenizer)
             m, res = run_against_server(args, base_url, wl, tokenizer, label=args.backend)
