@@ -67,11 +67,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         from radixlm.entrypoints.dp_launcher import launch_dp
 
         sys.exit(launch_dp(args))
+    if args.node_rank > 0:  # a node without rank 0 runs tensor-parallel ranks only, no HTTP server
+        from radixlm.managers.tp_launch import run_follower_node
+
+        sys.exit(run_follower_node(args))
     from radixlm.entrypoints.http_server import launch_server
 
     try:
         launch_server(args)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # e.g. a tp_size the model's heads do not divide
         print(f"radixlm: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -183,6 +183,11 @@ class ServerArgs:
             check_field(f, getattr(self, f.name))
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank: {self.node_rank} is not below nnodes ({self.nnodes})")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size: {self.tp_size} is not divisible by nnodes ({self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("dist_init_addr: required with nnodes > 1 (host:port of rank 0, reachable from "
+                             "every node)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 

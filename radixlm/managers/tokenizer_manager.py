@@ -87,7 +87,9 @@ class TokenizerManager:
 
         from radixlm.managers.detokenizer_manager import run_detokenizer_process
         from radixlm.managers.scheduler_process import run_scheduler_process
+        from radixlm.managers.tp_launch import first_dead, prepare_tp_args, start_tp_followers
 
+        args = prepare_tp_args(self.args)  # tp_size > 1: the model must split; a rendezvous address
         self._zctx = zmq.Context()
         recv = self._zctx.socket(zmq.PULL)
         recv.bind(self.ipc.tokenizer_input)
@@ -95,11 +97,12 @@ class TokenizerManager:
         pid = os.getpid()
         self.detok_proc = spawn.Process(target=run_detokenizer_process, args=(self.args, self.ipc, pid),
                                         name="radixlm-detokenizer", daemon=True)
-        self.sched_proc = spawn.Process(target=run_scheduler_process, args=(self.args, self.ipc, pid),
+        self.sched_proc = spawn.Process(target=run_scheduler_process, args=(args, self.ipc, pid),
                                         name="radixlm-scheduler", daemon=True)
         self.detok_proc.start()
         self.sched_proc.start()
-        self.procs = [self.sched_proc, self.detok_proc]
+        # every process is watched: a dead tensor-parallel rank is a dead runtime (503, exit)
+        self.procs = [self.sched_proc, self.detok_proc, *start_tp_followers(args, pid)]
         poller = zmq.Poller()
         poller.register(recv, zmq.POLLIN)
         deadline = time.time() + timeout
@@ -111,6 +114,10 @@ class TokenizerManager:
             if not self.sched_proc.is_alive():
                 self.shutdown()
                 raise RuntimeError(f"the scheduler process exited during start-up (code {self.sched_proc.exitcode})")
+            dead = first_dead(self.procs)
+            if dead is not None:
+                self.shutdown()
+                raise RuntimeError(f"{dead} during start-up")
             if poller.poll(200):
                 msg = decode_or_drop(recv.recv(), "tokenizer manager (start-up)", logger)
                 if isinstance(msg, SchedulerReady):

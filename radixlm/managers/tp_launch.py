@@ -34,12 +34,23 @@ def prepare_tp_args(args: ServerArgs) -> ServerArgs:
     return args
 
 
+def _set_process_name(name: str) -> None:
+    """The name `ps` and /proc/PID/comm show (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
+
+
 def run_tp_follower_process(args: ServerArgs, tp_rank: int, parent_pid: int) -> None:
     """A follower rank's process main: load this rank's shard, then run rank 0's steps until told to
     stop or until the group fails (then exit non-zero)."""
     from radixlm.managers.scheduler_process import create_model_runner, exit_with_parent
 
     exit_with_parent(parent_pid)
+    _set_process_name(f"radixlm-tp{tp_rank}")
     logging.basicConfig(level=args.log_level.upper(), format=f"[%(asctime)s tp{tp_rank}] %(message)s")
     try:
         runner = create_model_runner(args, tp_rank)
@@ -60,6 +71,26 @@ def start_tp_followers(args: ServerArgs, parent_pid: int) -> List[mp.Process]:
         p.start()
         procs.append(p)
     return procs
+
+
+def run_follower_node(args: ServerArgs) -> int:
+    """`--node-rank` > 0: runs this node's ranks (no HTTP server) until they end; their exit code."""
+    import os
+    import time
+
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    args = prepare_tp_args(args)
+    procs = start_tp_followers(args, os.getpid())
+    logger.info("node %d of %d: tensor-parallel ranks %s joining %s", args.node_rank, args.nnodes,
+                follower_ranks(args.tp_size, args.nnodes, args.node_rank), args.dist_init_addr)
+    try:
+        while first_dead(procs) is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    code = max((p.exitcode or 0) for p in procs if not p.is_alive()) if first_dead(procs) else 0
+    stop_processes(procs, timeout=1.0)
+    return code
 
 
 def first_dead(procs: List[mp.Process]) -> Optional[str]:
