@@ -175,3 +175,22 @@ def test_killed_follower_rank_gives_503_and_server_exits(tp_server):
     while any(_alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [k for k in kids if _alive(k)], "children outlived the server"
+
+
+def test_multi_node_flags_are_checked_and_map_ranks_to_nodes():
+    from radixlm.distributed.parallel_state import parse_init_addr
+    from radixlm.engine.tp_worker import follower_ranks
+    from radixlm.launch_server import parse_args
+    from radixlm.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="dist_init_addr"):
+        ServerArgs(model_path="m", tp_size=2, nnodes=2)
+    with pytest.raises(ValueError, match="tp_size"):
+        ServerArgs(model_path="m", tp_size=3, nnodes=2, dist_init_addr="10.0.0.1:5000")
+    a = parse_args(["--model-path", "m", "--tp", "4", "--nnodes", "2", "--node-rank", "1",
+                    "--nccl-init-addr", "10.0.0.1:5000"])
+    assert (a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr) == (4, 2, 1, "10.0.0.1:5000")
+    assert follower_ranks(4, 2, 0) == [1] and follower_ranks(4, 2, 1) == [2, 3] and follower_ranks(2, 1, 0) == [1]
+    assert parse_init_addr("10.0.0.1:5000") == ("10.0.0.1", 5000) and parse_init_addr("[::1]:7") == ("::1", 7)
+    with pytest.raises(ValueError, match="host:port"):
+        parse_init_addr("10.0.0.1")
