@@ -363,3 +363,22 @@ def test_replay_recorded_frontend_requests(server):
 def test_req_defaults_unchanged():
     r = Req("x", [1, 2], SamplingParams())
     assert r.priority is None and r.cache_namespace is None and r.stop_regexes == []
+
+
+def test_openai_routes_take_sglang_extensions(server):
+    url = server.base_url + "/v1/chat/completions"
+    base = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
+    r = requests.post(url, json={**base, "stop_regex": r"[\s\S]", "extra_key": "k", "cache_salt": "s",
+                                 "priority": 1, "lora_path": None, "return_hidden_states": False}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "" and r.json()["choices"][0]["finish_reason"] == "stop"
+    r = requests.post(url, json={**base, "lora_path": "adapter"}, timeout=60)
+    assert r.status_code == 400 and "lora_path" in r.json()["message"]
+    r = requests.post(server.base_url + "/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 4,
+                                                                 "stop_regex": ["("]}, timeout=60)
+    assert r.status_code == 400 and "stop_regex" in r.json()["message"]
+    r = requests.post(server.base_url + "/v1/completions", json={
+        "model": "default", "prompt": "x", "max_tokens": 8, "temperature": 0,
+        "response_format": {"type": "structural_tag", "format": {"type": "const_string", "value": "<ok/>"}}},
+        timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "<ok/>", r.text

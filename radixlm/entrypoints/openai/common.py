@@ -21,6 +21,7 @@ from fastapi.responses import Response
 
 from radixlm.entrypoints.http_responses import error_json, sse
 from radixlm.entrypoints.openai.protocol import SamplingFields
+from radixlm.managers import sglang_fields
 from radixlm.managers.request_builder import check_text, grammar_size
 from radixlm.managers.tokenizer_manager import ReqState, ServiceUnavailable, TokenizerManager
 
@@ -59,8 +60,25 @@ def constraint(req: SamplingFields) -> Dict[str, Any]:
         if schema is None:
             raise BadRequest("response_format.json_schema.schema is required", "response_format")
         return {"json_schema": schema}
-    raise BadRequest(f"response_format {rf.type} is not supported (use text, json_object or json_schema)",
-                     "response_format")
+    if rf.type == "structural_tag":  # SGLang's: the whole response_format is the tag (xgrammar checks it)
+        return {"structural_tag": rf.model_dump(exclude_none=True)}
+    raise BadRequest(f"response_format {rf.type} is not supported (use text, json_object, json_schema or "
+                     "structural_tag)", "response_format")
+
+
+UNSUPPORTED_EXTENSIONS = ("lora_path", "session_params", "return_hidden_states", "bootstrap_host", "bootstrap_port",
+                          "bootstrap_room", "routed_dp_rank", "data_parallel_rank")
+
+
+def sglang_extras(req: SamplingFields) -> Dict[str, Any]:
+    """The SGLang request extensions the RequestBuilder takes (extra_key, cache_salt, priority);
+    a feature radixlm lacks set to a non-default value is a 400 naming it (as on /generate)."""
+    for name in UNSUPPORTED_EXTENSIONS:
+        try:
+            sglang_fields.check_generate_fields({name: getattr(req, name)})
+        except ValueError as e:
+            raise BadRequest(str(e), name) from None
+    return {"extra_key": req.extra_key, "cache_salt": req.cache_salt, "priority": req.priority}
 
 
 def check_limits(req: SamplingFields, limits, top_field: str, top: Optional[int]) -> None:
@@ -72,6 +90,14 @@ def check_limits(req: SamplingFields, limits, top_field: str, top: Optional[int]
     if top is not None and top > limits.max_top_logprobs_num:
         raise BadRequest(f"{top_field}: {top} is more than the {limits.max_top_logprobs_num} allowed "
                          "(--max-top-logprobs-num)", top_field)
+    regexes = [req.stop_regex] if isinstance(req.stop_regex, str) else list(req.stop_regex or [])
+    if len(regexes) > limits.max_stop_strings:
+        raise BadRequest(f"stop_regex: {len(regexes)} patterns; at most {limits.max_stop_strings} "
+                         "(--max-stop-strings)", "stop_regex")
+    long = next((s for s in regexes if len(s) > limits.max_stop_string_len), None)
+    if long is not None:
+        raise BadRequest(f"stop_regex: a pattern of {len(long)} characters; at most {limits.max_stop_string_len} "
+                         "(--max-stop-string-len)", "stop_regex")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.max_stop_strings:
         raise BadRequest(f"stop: {len(stops)} stop strings; at most {limits.max_stop_strings} (--max-stop-strings)",
@@ -121,6 +147,7 @@ def sampling_params(req: SamplingFields, max_new_tokens: Optional[int], vocab_si
         "repetition_penalty": req.repetition_penalty, "stop": req.stop or None,
         "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias, "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens, "no_stop_trim": req.no_stop_trim,
+        "stop_regex": req.stop_regex or None, "custom_params": req.custom_params,
     }
     sp.update(constraint(req))
     return {k: v for k, v in sp.items() if v is not None}

@@ -59,6 +59,21 @@ class SamplingFields(_Model):
     regex: Optional[str] = None
     json_schema: Optional[Any] = None
     ebnf: Optional[str] = None
+    # SGLang's request extensions (reference section 4), treated as on /generate (managers/sglang_fields.py)
+    stop_regex: Optional[Union[str, List[str]]] = None
+    custom_params: Optional[Dict[str, Any]] = None
+    extra_key: Optional[str] = None  # with cache_salt: a separate radix-cache namespace
+    cache_salt: Optional[str] = None
+    priority: Optional[int] = None  # --enable-priority-scheduling
+    # features radixlm lacks: accepted at their default (null / false / empty), else a 400 naming them
+    lora_path: Optional[Any] = None
+    session_params: Optional[Any] = None
+    return_hidden_states: Optional[Any] = None
+    bootstrap_host: Optional[Any] = None
+    bootstrap_port: Optional[Any] = None
+    bootstrap_room: Optional[Any] = None
+    routed_dp_rank: Optional[Any] = None
+    data_parallel_rank: Optional[Any] = None
 
 
 class CompletionRequest(SamplingFields):

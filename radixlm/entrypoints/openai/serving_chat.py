@@ -107,7 +107,8 @@ def _build(tm: TokenizerManager, req: ChatCompletionRequest) -> Tuple[list, Opti
     if setup is not None and setup.ebnf is not None:  # a forced call: prepare_tools refused other constraints
         sp["ebnf"] = setup.ebnf
     msgs, _ = tm.builder.build(input_ids=ids, sampling_params=sp, rid=req.rid, return_logprob=req.logprobs,
-                               top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0, stream=req.stream)
+                               top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0, stream=req.stream,
+                               **common.sglang_extras(req))
     return msgs, setup
 
 

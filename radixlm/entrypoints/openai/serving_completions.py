@@ -49,7 +49,7 @@ def _build(tm: TokenizerManager, req: CompletionRequest):
     msgs, _ = tm.builder.build(**_split_prompt(req.prompt), sampling_params=sp, rid=req.rid,
                                return_logprob=req.logprobs is not None, top_logprobs_num=req.logprobs or 0,
                                logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
-                               stream=req.stream)
+                               stream=req.stream, **common.sglang_extras(req))
     return msgs
 
 
