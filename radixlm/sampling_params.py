@@ -155,6 +155,8 @@ class SamplingParams:
         if self.structural_tag is not None and not isinstance(self.structural_tag, (str, dict)):
             raise ValueError("structural_tag must be a JSON string or object")
         constraints = [n for n in ("regex", "json_schema", "ebnf", "structural_tag") if getattr(self, n) is not None]
+        if len(constraints) > 1 and "structural_tag" not in constraints:
+            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")  # SGLang's message
         if len(constraints) > 1:
             raise ValueError(f"Only one of regex, json_schema, ebnf or structural_tag can be set (got "
                              f"{', '.join(constraints)}).")

@@ -156,9 +156,8 @@ class RequestBuilder:
             sp = SamplingParams.from_dict(sp_dict)
             self.check_limits(sp)  # bounds first: a thousand patterns are refused before any is parsed
             sp.verify(self.vocab_size)
-            if self.tokenizer is None and (sp.stop_strs or sp.stop_regex_strs):
-                raise ValueError(f"{'stop_regex' if sp.stop_regex_strs else 'stop'}: stop strings need a tokenizer "
-                                 "(skip_tokenizer_init is set)")
+            if self.tokenizer is None and sp.stop_regex_strs:
+                raise ValueError("stop_regex: matching needs a tokenizer (skip_tokenizer_init is set)")
             sp_objs.append(sp)
         if text is not None:
             texts = text if batched else [text]
