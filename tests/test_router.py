@@ -34,14 +34,6 @@ from tests.server_utils import free_port, info_stat, server_info
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sglang_router_0.3.2.json"
 RECORDED = json.loads(FIXTURE.read_text())
 TIMEOUT = 60
-# the router adds these to every forwarded /generate; radixlm rejects them until it accepts every
-# SGLang 0.5.x GenerateReqInput field (another change in progress: managers/request_builder.py)
-ROUTER_GENERATE_EXTRAS = ("model", "background", "no_logs", "return_bytes", "return_entropy",
-                          "return_hidden_states")
-GENERATE_XFAIL = pytest.mark.xfail(strict=True, reason="radixlm rejects the SGLang GenerateReqInput fields the "
-                                                      "router adds (model: null, background, no_logs, return_bytes, "
-                                                      "return_entropy, return_hidden_states); accepted once "
-                                                      "request_builder takes every 0.5.x field")
 has_router = pytest.mark.skipif(not dp_launcher.router_available(),
                                 reason="sglang_router is not installed (pip install sglang-router)")
 
@@ -58,8 +50,7 @@ def _replay(base_url: str, rec: Dict) -> requests.Response:
 
 def _cases():
     for rec in RECORDED["requests"]:
-        marks = [GENERATE_XFAIL] if rec["path"] == "/generate" else []
-        yield pytest.param(rec, id=rec["name"], marks=marks)
+        yield pytest.param(rec, id=rec["name"])
 
 
 def test_fixture_covers_what_the_router_sends():
@@ -67,6 +58,13 @@ def test_fixture_covers_what_the_router_sends():
     assert {("GET", "/health"), ("GET", "/server_info"), ("GET", "/model_info"), ("GET", "/get_load"),
             ("POST", "/generate"), ("POST", "/v1/chat/completions")} <= seen
     assert RECORDED["router"] == "sglang-router 0.3.2"
+    generate = next(r for r in RECORDED["requests"] if r["name"] == "generate")["body"]
+    # SGLang GenerateReqInput fields the router adds to every forwarded /generate, at their defaults
+    assert {k: generate[k] for k in ("model", "background", "no_logs", "return_bytes", "return_entropy",
+                                     "return_hidden_states")} == {"model": None, "background": False,
+                                                                  "no_logs": False, "return_bytes": False,
+                                                                  "return_entropy": False,
+                                                                  "return_hidden_states": False}
 
 
 @pytest.mark.parametrize("rec", list(_cases()))
@@ -77,17 +75,6 @@ def test_replay_recorded_router_request(qwen2_server, rec):
         loads = r.json()
         assert isinstance(loads, list) and isinstance(loads[0]["num_tokens"], int)
         assert set(loads[0]) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}
-
-
-@pytest.mark.parametrize("rec", [r for r in RECORDED["requests"] if r["path"] == "/generate"],
-                         ids=lambda r: r["name"])
-def test_replay_generate_fails_only_on_router_extras(qwen2_server, rec):
-    """The recorded /generate bodies pass once the router's default-valued extras are left out: the
-    xfail above is about those fields only."""
-    body = {k: v for k, v in rec["body"].items() if k not in ROUTER_GENERATE_EXTRAS}
-    assert all(rec["body"][k] in (None, False) for k in ROUTER_GENERATE_EXTRAS if k in rec["body"])
-    r = _replay(qwen2_server.base_url, {**rec, "body": body})
-    assert r.status_code == 200, r.text[:300]
 
 
 def test_get_load_counts_in_flight_tokens(qwen2_server):
@@ -286,7 +273,6 @@ def test_dp2_one_command_chat(dp_cache_aware):
 
 
 @has_router
-@GENERATE_XFAIL
 def test_dp2_one_command_generate(dp_cache_aware):
     r = requests.post(dp_cache_aware.base_url + "/generate", timeout=TIMEOUT,
                       json={"text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
