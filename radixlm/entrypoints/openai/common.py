@@ -61,7 +61,11 @@ def constraint(req: SamplingFields) -> Dict[str, Any]:
             raise BadRequest("response_format.json_schema.schema is required", "response_format")
         return {"json_schema": schema}
     if rf.type == "structural_tag":  # SGLang's: the whole response_format is the tag (xgrammar checks it)
-        return {"structural_tag": rf.model_dump(exclude_none=True)}
+        tag = rf.model_dump(exclude_none=True)
+        if "format" not in tag and "structures" not in tag:
+            raise BadRequest("response_format: a structural_tag needs 'format' (or the legacy 'structures' and "
+                             "'triggers')", "response_format")
+        return {"structural_tag": tag}
     raise BadRequest(f"response_format {rf.type} is not supported (use text, json_object, json_schema or "
                      "structural_tag)", "response_format")
 
