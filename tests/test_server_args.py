@@ -72,3 +72,10 @@ def test_grammar_flags_reach_the_schedulers_backend(path):
                         grammar_cache_size=3) as eng:
         backend = eng.loop.call(lambda s: s.grammar_backend())
         assert (backend.compile_timeout, backend.cache_size) == (7.5, 3)
+
+
+def test_engine_refuses_data_parallelism(path):
+    import radixlm
+
+    with pytest.raises(ValueError, match="dp_size"):
+        radixlm.Engine(model_path=path, dp_size=2)

@@ -36,7 +36,12 @@ def create_app(tm: TokenizerManager) -> FastAPI:
 
 
 def launch_server(args: ServerArgs) -> None:
+    """One replica's HTTP server (`launch_server.main` sends --dp-size N > 1 to the dp launcher)."""
     import uvicorn
+
+    if args.dp_size > 1:
+        raise ValueError("dp_size: launch_server() serves one replica; use radixlm.launch_server.main or "
+                         "radixlm.entrypoints.dp_launcher for --dp-size > 1")
 
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     tm = TokenizerManager(args)
