@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from radixlm.constrained import grammar_key
+from radixlm.constrained.grammar_manager import GrammarManager
 from radixlm.core import FinishReason, Req, ReqKV, ReqOutput, ScheduleBatch
 from radixlm.mem.radix_cache import RadixCache
 from radixlm.sched.decode import DecodeBuilder, TokenRatio
@@ -81,8 +81,7 @@ class Scheduler:
         self.runner = runner
         self.cfg = cfg
         self.context_len = context_len
-        self._grammar_factory = grammar_factory
-        self._grammar_backend = None
+        self.grammars = GrammarManager(grammar_factory, runner.sampler)
         self.allocator = runner.allocator
         self.req_to_token_pool = runner.req_to_token_pool
         self.page_size = self.allocator.page_size
@@ -152,35 +151,20 @@ class Scheduler:
         dev = torch.device(self.runner.device)
         if req.generator is not None and req.generator.device != dev:  # sample on the device: no host sync
             req.generator = torch.Generator(device=dev).manual_seed(req.generator.initial_seed())
-        key = grammar_key(req.sampling_params)
-        if key is not None:
-            req.grammar_future = self.grammar_backend().compile_async(key)
+        self.grammars.start(req)
         req.arrival_seq = self._arrivals
         self._arrivals += 1
         self.q.waiting.append(req)
 
     def grammar_backend(self):
-        """The grammar backend, created on the first constrained request."""
-        if self._grammar_backend is None:
-            if self._grammar_factory is None:
-                raise ValueError("constrained decoding is disabled (--grammar-backend none)")
-            try:
-                self._grammar_backend = self._grammar_factory()
-            except RuntimeError as e:
-                raise ValueError(str(e)) from None
-            self.runner.sampler.grammar_backend = self._grammar_backend
-        return self._grammar_backend
+        return self.grammars.backend()
 
     def _resolve_grammars(self) -> List[ReqOutput]:
         """Requests whose grammar finished compiling become schedulable (or fail with its error)."""
         outputs = []
-        for req in [r for r in self.q.waiting if r.grammar_future is not None and r.grammar_future.done()]:
-            fut, req.grammar_future = req.grammar_future, None
-            try:
-                req.grammar = self._grammar_backend.new_matcher(fut.result())
-            except Exception as e:  # noqa: BLE001 - a grammar the backend cannot compile
-                self.q.waiting.remove(req)
-                outputs.append(self.out.finish(req, FinishReason("abort", message=f"Invalid grammar: {e}")))
+        for req, message in self.grammars.resolve(self.q.waiting):
+            self.q.waiting.remove(req)
+            outputs.append(self.out.finish(req, FinishReason("abort", message=message)))
         return outputs
 
     def abort_request(self, rid: str) -> List[ReqOutput]:
@@ -232,7 +216,7 @@ class Scheduler:
         if batch is None:
             if not self.has_work():
                 self.ratio.reset()
-            elif any(r.grammar_future is not None for r in self.q.waiting):
+            elif self.grammars.compiling(self.q.waiting):
                 time.sleep(0.001)  # only requests waiting for their grammar: do not spin
             return outputs
         if self.overlap is not None and batch.forward_mode.is_decode:
