@@ -382,3 +382,18 @@ def test_openai_routes_take_sglang_extensions(server):
         "response_format": {"type": "structural_tag", "format": {"type": "const_string", "value": "<ok/>"}}},
         timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "<ok/>", r.text
+
+
+def test_engine_passes_namespaces(path):
+    """The offline Engine takes extra_key / cache_salt like /generate: no cache sharing across keys."""
+    import radixlm
+
+    ids = list(range(5, 90))
+    with radixlm.Engine(model_path=path, log_level="warning") as eng:
+        sp = {"max_new_tokens": 1, "temperature": 0}
+        eng.generate(input_ids=ids, sampling_params=sp, extra_key="a")
+        same = eng.generate(input_ids=ids, sampling_params=sp, extra_key="a")
+        other = eng.generate(input_ids=ids, sampling_params=sp, extra_key="b")
+        salted = eng.generate(input_ids=ids, sampling_params=sp, extra_key="a", cache_salt="s")
+    assert same["meta_info"]["cached_tokens"] == len(ids) - 1
+    assert other["meta_info"]["cached_tokens"] == 0 and salted["meta_info"]["cached_tokens"] == 0

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import queue
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional
 
 from radixlm.managers.detokenizer_manager import DetokenizerManager
 from radixlm.managers.io_struct import TokenizedGenerateReqInput, detok_params_of, to_req
@@ -56,13 +56,18 @@ class Engine:
                     self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, rid=None, logprob_start_len: int = -1):
+                 top_logprobs_num: int = 0, stream: bool = False, rid=None, logprob_start_len: int = -1,
+                 extra_key=None, cache_salt=None, priority: Optional[int] = None):
         """Generates for one prompt (returns a dict) or a batch (a list, n outputs per prompt).
 
         With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
-        hold only what is new, with "index" saying which output they belong to."""
-        call = self._start(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
-                           logprob_start_len)
+        hold only what is new, with "index" saying which output they belong to. `extra_key` /
+        `cache_salt` give prompts a radix-cache namespace of their own; `priority` orders the queue
+        (with enable_priority_scheduling)."""
+        call = self._start(text=prompt, sampling_params=sampling_params, input_ids=input_ids,
+                           return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, rid=rid,
+                           logprob_start_len=logprob_start_len, extra_key=extra_key, cache_salt=cache_salt,
+                           priority=priority)
         q: "queue.Queue" = queue.Queue()
         self.loop.submit(call.reqs, q.put)
         if stream:
@@ -73,10 +78,13 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
-                             rid=None, logprob_start_len: int = -1):
+                             rid=None, logprob_start_len: int = -1, extra_key=None, cache_salt=None,
+                             priority: Optional[int] = None):
         """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
-        call = self._start(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
-                           logprob_start_len)
+        call = self._start(text=prompt, sampling_params=sampling_params, input_ids=input_ids,
+                           return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, rid=rid,
+                           logprob_start_len=logprob_start_len, extra_key=extra_key, cache_salt=cache_salt,
+                           priority=priority)
         aloop = asyncio.get_running_loop()
         aq: "asyncio.Queue" = asyncio.Queue()
         self.loop.submit(call.reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
@@ -89,11 +97,8 @@ class Engine:
             call.abort_rest()
         return call.results()
 
-    def _start(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, rid,
-               logprob_start_len) -> "_Call":
-        msgs, batched = self.builder.build(text=prompt, input_ids=input_ids, sampling_params=sampling_params,
-                                           rid=rid, return_logprob=return_logprob,
-                                           top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
+    def _start(self, **fields) -> "_Call":
+        msgs, batched = self.builder.build(**fields)
         return _Call(msgs, batched, DetokenizerManager(self.tokenizer), self.loop.abort)
 
     def abort_request(self, rid: str) -> None:
