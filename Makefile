@@ -5,6 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS := $(VENV)/.peers
 DEMO_MODEL ?= models/demo-qwen2-small
 PORT ?= 30000
 
@@ -19,12 +20,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[server,test]'
 	touch $(STAMP)
 
+# SGLang's router and frontend, the peers the tests check radixlm against (best effort: their tests skip)
+$(PEERS): $(STAMP)
+	$(BIN)/pip install -q -e '.[peers]' && $(BIN)/pip install -q --no-deps sglang==0.5.23 \
+	 || echo "SGLang peers not installed: their tests will skip"
+	touch $(PEERS)
+
 setup: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check radixlm tests
 
-test: lint
+test: lint $(PEERS)
 	$(BIN)/python -m pytest -q
 
 $(DEMO_MODEL)/config.json: $(STAMP)
