@@ -22,10 +22,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from radixlm.constrained import DaemonWorker, GrammarKey, normalize_json_schema, structural_tag_args
+from radixlm.server_args import default_of
 
 _FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
-DEFAULT_COMPILE_TIMEOUT = 30.0  # ServerArgs.grammar_compile_timeout
-DEFAULT_CACHE_SIZE = 256  # ServerArgs.grammar_cache_size
+DEFAULT_COMPILE_TIMEOUT = default_of("grammar_compile_timeout")
+DEFAULT_CACHE_SIZE = default_of("grammar_cache_size")
 
 
 class GrammarCompileTimeout(TimeoutError):

@@ -280,7 +280,7 @@ class TokenizerManager:
         self._check_alive()
         limit = self.args.max_queued_requests
         if limit is not None:
-            cap = (self.args.max_running_requests or 256) + limit
+            cap = self.args.resolved_max_running_requests + limit
             if len(self.states) + len(msgs) > cap:
                 raise ServiceUnavailable(f"The server is overloaded: more than {cap} requests in flight "
                                          f"(--max-queued-requests {limit}). Retry later.")
