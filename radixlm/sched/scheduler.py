@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -209,7 +209,8 @@ class Scheduler:
 
     def _step_fresh(self) -> List[ReqOutput]:
         outputs = self._resolve_grammars() if self.q.waiting else []
-        batch = self._prefill_batch(outputs)
+        batch, failed = self._prefill_batch()
+        outputs += failed
         if batch is None and self.q.running:
             batch, aborted = self.decode.build()
             outputs += aborted
@@ -235,18 +236,17 @@ class Scheduler:
             outputs += self._advance_decoding(list(enumerate(batch.reqs[n:])), result, sum(batch.sample[:n]))
         return outputs
 
-    def _prefill_batch(self, outputs: List[ReqOutput]) -> Optional[ScheduleBatch]:
-        """This step's extend batch, or None. An exception while forming it fails only the requests
-        it was admitting (their aborts are added to `outputs`)."""
+    def _prefill_batch(self) -> Tuple[Optional[ScheduleBatch], List[ReqOutput]]:
+        """This step's extend batch (or None), and the aborts of the requests it was admitting when
+        forming it raised (an exception fails only them)."""
         if not self.q.waiting and self.q.chunked_req is None:
-            return None
+            return None, []
         admitted: List[Req] = []
         try:
-            return self.prefill.build(admitted)
+            return self.prefill.build(admitted), []
         except Exception as e:  # noqa: BLE001 - a bug or a bad request fails its batch, not the server
             logger.exception("forming a prefill batch failed; failing its %d requests", len(admitted))
-            outputs += self._fail_reqs([(r, None) for r in admitted], f"internal error: {type(e).__name__}: {e}")
-            return None
+            return None, self._fail_reqs([(r, None) for r in admitted], f"internal error: {type(e).__name__}: {e}")
 
     def _complete(self, cur: InFlight, successor: Optional[InFlight]) -> List[ReqOutput]:
         """Waits for the overlapped step `cur` and processes its results; requests that finish now but
