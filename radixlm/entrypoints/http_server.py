@@ -10,6 +10,7 @@ then uvicorn. Request path: [CORS] -> API key -> body size limit -> route -> Tok
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI
 
@@ -17,6 +18,7 @@ from radixlm import __version__
 from radixlm.entrypoints.http_guards import install_guards
 from radixlm.entrypoints.native_routes import register_native_routes
 from radixlm.entrypoints.openai.routes import register_openai_routes
+from radixlm.managers.scheduler_process import process_start_time, startup_timeline
 from radixlm.managers.tokenizer_manager import TokenizerManager
 from radixlm.server_args import ServerArgs
 
@@ -45,7 +47,7 @@ def launch_server(args: ServerArgs) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     tm = TokenizerManager(args)
-    tm.launch()
+    tm.launch(start_method="fork" if tm.fork_is_safe() else "spawn")
     app = create_app(tm)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
@@ -54,6 +56,8 @@ def launch_server(args: ServerArgs) -> None:
 
     @app.on_event("startup")
     async def _ready():
+        tm.startup_marks["main.serving"] = time.time()
+        logger.info("start-up timeline (s since launch): %s", startup_timeline(tm.startup_marks, process_start_time()))
         logger.info("The server is fired up and ready to roll! http://%s:%d (model %s, %d KV tokens)",
                     args.host, args.port, tm.served_model_name, tm.server_info.get("max_total_num_tokens", 0))
 

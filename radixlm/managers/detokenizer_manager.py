@@ -47,15 +47,21 @@ class DetokenizerManager:
 
 
 def run_detokenizer_process(args, ipc, parent_pid: int) -> None:
+    import time
+
     import zmq
 
-    from radixlm.managers.scheduler_process import exit_with_parent
+    from radixlm.managers.scheduler_process import exit_with_parent, process_start_time, startup_timeline
     from radixlm.managers.tokenizer import get_tokenizer
 
+    marks = {"detokenizer.imported": time.time()}
     exit_with_parent(parent_pid)
-    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s detokenizer] %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s detokenizer] %(message)s",
+                        force=True)  # forked: not the parent's handlers
     tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                     args.trust_remote_code)
+    marks["detokenizer.tokenizer"] = time.time()
+    logger.info("start-up timeline (s since launch): %s", startup_timeline(marks, process_start_time(parent_pid)))
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
     recv.bind(ipc.detokenizer_input)

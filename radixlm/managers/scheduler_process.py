@@ -110,6 +110,25 @@ def scheduler_state(s) -> Dict:
     }
 
 
+def process_start_time(pid: int = 0) -> float:
+    """When process `pid` (0: this one) started, on the time.time() clock (Linux /proc; elsewhere:
+    now). The start-up timeline (`startup_timeline`) counts from the server process's start."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+def startup_timeline(marks: Dict[str, float], t0: float) -> str:
+    """`name=seconds` since t0 for each mark, in time order (logged once the server serves;
+    `python -m radixlm.bench.startup` reads it)."""
+    return " ".join(f"{k}={v - t0:.2f}" for k, v in sorted(marks.items(), key=lambda kv: kv[1]))
+
+
 def exit_with_parent(parent_pid: int) -> None:
     """Children never outlive the server: poll the parent and leave when it is gone."""
     try:  # Linux: the kernel sends SIGKILL when the parent dies
@@ -145,10 +164,12 @@ class IPCNames:
 
 
 def run_scheduler_process(args: ServerArgs, ipc: IPCNames, parent_pid: int) -> None:
+    marks = {"scheduler.imported": time.time()}  # spawned, and this module (torch) imported
     import zmq
 
     exit_with_parent(parent_pid)
-    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s scheduler] %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s scheduler] %(message)s",
+                        force=True)  # forked: not the parent's handlers
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
     recv.bind(ipc.scheduler_input)
@@ -161,7 +182,9 @@ def run_scheduler_process(args: ServerArgs, ipc: IPCNames, parent_pid: int) -> N
 
         tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                         args.trust_remote_code)
+        marks["scheduler.tokenizer"] = time.time()
         scheduler = create_scheduler(args, tokenizer)
+        marks["scheduler.model"] = time.time()
         scheduler.runner.on_tp_failure = _exit_on_tp_failure
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which exits with it
         to_tokenizer.send(encode(SchedulerReady(False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
@@ -171,6 +194,7 @@ def run_scheduler_process(args: ServerArgs, ipc: IPCNames, parent_pid: int) -> N
         "max_total_num_tokens": scheduler.max_total_num_tokens,
         "context_len": scheduler.context_len,
         "vocab_size": scheduler.runner.model_config.vocab_size,
+        "startup": marks,
     })))
     SchedulerLoop(scheduler, recv, to_detok, to_tokenizer).run()
 

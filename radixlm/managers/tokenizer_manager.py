@@ -60,10 +60,12 @@ class TokenizerManager:
         from radixlm.managers.tokenizer import get_tokenizer
         from radixlm.models.model_config import ModelConfig
 
+        self.startup_marks: Dict[str, float] = {"main.imported": time.time()}  # see startup_timeline
         self.args = args
         self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
                                                                              args.trust_remote_code)
+        self.startup_marks["main.tokenizer"] = time.time()
         self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
                                                        self.model_config.context_len)
         self.served_model_name = args.served_model_name or args.model_path
@@ -81,8 +83,12 @@ class TokenizerManager:
         self.num_requests_total = 0
 
     # ------------------------------------------------------------------ processes
-    def launch(self, timeout: float = 600.0) -> None:
-        """Starts the detokenizer and scheduler processes and waits until the model is loaded."""
+    def launch(self, timeout: float = 600.0, start_method: str = "spawn") -> None:
+        """Starts the detokenizer and scheduler processes and waits until the model is loaded.
+
+        start_method "fork" (the server, on CPU: `fork_is_safe`) starts them with this process's
+        imports (torch, transformers) already done: on a small model those imports are most of
+        the start-up, and with "spawn" each child repeats them. CUDA does not survive a fork."""
         import zmq
 
         from radixlm.managers.detokenizer_manager import run_detokenizer_process
@@ -90,17 +96,20 @@ class TokenizerManager:
         from radixlm.managers.tp_launch import first_dead, prepare_tp_args, start_tp_followers
 
         args = prepare_tp_args(self.args)  # tp_size > 1: the model must split; a rendezvous address
+        ctx = mp.get_context(start_method)
+        pid = os.getpid()
+        self.detok_proc = ctx.Process(target=run_detokenizer_process, args=(self.args, self.ipc, pid),
+                                      name="radixlm-detokenizer", daemon=True)
+        self.sched_proc = ctx.Process(target=run_scheduler_process, args=(args, self.ipc, pid),
+                                      name="radixlm-scheduler", daemon=True)
+        self.sched_proc.start()
+        self.detok_proc.start()
+        self.startup_marks["children.started"] = time.time()
+        # ZeroMQ after the children (a forked child must not inherit a context); their messages
+        # wait in their sockets until this one binds
         self._zctx = zmq.Context()
         recv = self._zctx.socket(zmq.PULL)
         recv.bind(self.ipc.tokenizer_input)
-        spawn = mp.get_context("spawn")
-        pid = os.getpid()
-        self.detok_proc = spawn.Process(target=run_detokenizer_process, args=(self.args, self.ipc, pid),
-                                        name="radixlm-detokenizer", daemon=True)
-        self.sched_proc = spawn.Process(target=run_scheduler_process, args=(args, self.ipc, pid),
-                                        name="radixlm-scheduler", daemon=True)
-        self.detok_proc.start()
-        self.sched_proc.start()
         # every process is watched: a dead tensor-parallel rank is a dead runtime (503, exit)
         self.procs = [self.sched_proc, self.detok_proc, *start_tp_followers(args, pid)]
         poller = zmq.Poller()
@@ -126,7 +135,19 @@ class TokenizerManager:
             self.shutdown()
             raise RuntimeError(f"the scheduler failed to start: {ready.error}")
         self.server_info = ready.info
+        self.startup_marks.update(ready.info.get("startup", {}), **{"scheduler.ready": time.time()})
         recv.close(linger=0)
+
+    def fork_is_safe(self) -> bool:
+        """Whether `launch` may fork: on the CPU, from a process that has started no other thread
+        (the server's main process before uvicorn), and not initialised CUDA."""
+        import sys
+        import threading
+
+        torch = sys.modules.get("torch")
+        cuda_used = torch is not None and torch.cuda.is_initialized()
+        return self.args.resolved_device == "cpu" and threading.active_count() == 1 and not cuda_used \
+            and "fork" in mp.get_all_start_methods()
 
     def connect(self) -> None:
         """Opens the asyncio sockets; call from inside the server's event loop."""
