@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-
-from fastapi import FastAPI
+from typing import TYPE_CHECKING
 
 from radixlm import __version__
-from radixlm.entrypoints.http_guards import install_guards
-from radixlm.entrypoints.native_routes import register_native_routes
-from radixlm.entrypoints.openai.routes import register_openai_routes
 from radixlm.managers.scheduler_process import process_start_time, startup_timeline
 from radixlm.managers.tokenizer_manager import TokenizerManager
 from radixlm.server_args import ServerArgs
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +27,13 @@ GRACEFUL_SHUTDOWN_S = 5  # open streams get this long after Ctrl-C / SIGTERM, th
 
 
 def create_app(tm: TokenizerManager) -> FastAPI:
+    # the HTTP modules load here: `launch_server` builds the app while the scheduler loads the model
+    from fastapi import FastAPI
+
+    from radixlm.entrypoints.http_guards import install_guards
+    from radixlm.entrypoints.native_routes import register_native_routes
+    from radixlm.entrypoints.openai.routes import register_openai_routes
+
     app = FastAPI(title="radixlm", version=__version__)
     app.state.tm = tm
     install_guards(app, tm.args)
@@ -39,16 +45,22 @@ def create_app(tm: TokenizerManager) -> FastAPI:
 
 def launch_server(args: ServerArgs) -> None:
     """One replica's HTTP server (`launch_server.main` sends --dp-size N > 1 to the dp launcher)."""
-    import uvicorn
-
     if args.dp_size > 1:
         raise ValueError("dp_size: launch_server() serves one replica; use radixlm.launch_server.main or "
                          "radixlm.entrypoints.dp_launcher for --dp-size > 1")
 
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     tm = TokenizerManager(args)
-    tm.launch(start_method="fork" if tm.fork_is_safe() else "spawn")
-    app = create_app(tm)
+    tm.start(start_method="fork" if tm.fork_is_safe() else "spawn")
+    try:
+        app = create_app(tm)  # while the scheduler loads the model
+    except BaseException:
+        tm.shutdown()
+        raise
+    tm.startup_marks["main.app"] = time.time()
+    import uvicorn
+
+    tm.wait_ready()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)

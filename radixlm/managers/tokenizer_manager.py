@@ -84,16 +84,21 @@ class TokenizerManager:
 
     # ------------------------------------------------------------------ processes
     def launch(self, timeout: float = 600.0, start_method: str = "spawn") -> None:
-        """Starts the detokenizer and scheduler processes and waits until the model is loaded.
+        """Starts the detokenizer and scheduler processes and waits until the model is loaded."""
+        self.start(start_method)
+        self.wait_ready(timeout)
 
-        start_method "fork" (the server, on CPU: `fork_is_safe`) starts them with this process's
-        imports (torch, transformers) already done: on a small model those imports are most of
-        the start-up, and with "spawn" each child repeats them. CUDA does not survive a fork."""
+    def start(self, start_method: str = "spawn") -> None:
+        """Starts the child processes; `wait_ready` waits for the scheduler (the server builds its
+        app in between). start_method "fork" (the server, on CPU: `fork_is_safe`) starts them with
+        this process's imports (torch, transformers) already done: on a small model those imports
+        are most of the start-up, and with "spawn" each child repeats them. CUDA does not survive
+        a fork."""
         import zmq
 
         from radixlm.managers.detokenizer_manager import run_detokenizer_process
         from radixlm.managers.scheduler_process import run_scheduler_process
-        from radixlm.managers.tp_launch import first_dead, prepare_tp_args, start_tp_followers
+        from radixlm.managers.tp_launch import prepare_tp_args, start_tp_followers
 
         args = prepare_tp_args(self.args)  # tp_size > 1: the model must split; a rendezvous address
         ctx = mp.get_context(start_method)
@@ -108,10 +113,19 @@ class TokenizerManager:
         # ZeroMQ after the children (a forked child must not inherit a context); their messages
         # wait in their sockets until this one binds
         self._zctx = zmq.Context()
-        recv = self._zctx.socket(zmq.PULL)
-        recv.bind(self.ipc.tokenizer_input)
+        self._start_recv = self._zctx.socket(zmq.PULL)
+        self._start_recv.bind(self.ipc.tokenizer_input)
         # every process is watched: a dead tensor-parallel rank is a dead runtime (503, exit)
         self.procs = [self.sched_proc, self.detok_proc, *start_tp_followers(args, pid)]
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Waits until the scheduler has loaded the model; raises (children stopped) when it fails,
+        a process dies, or `timeout` s pass."""
+        import zmq
+
+        from radixlm.managers.tp_launch import first_dead
+
+        recv = self._start_recv
         poller = zmq.Poller()
         poller.register(recv, zmq.POLLIN)
         deadline = time.time() + timeout
