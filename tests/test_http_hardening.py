@@ -45,8 +45,8 @@ from radixlm.managers.io_struct import (
     encode,
 )
 from tests.conftest import random_prompts
-from tests.server_utils import info_stat
-from tests.test_server_robustness import children, find_scheduler, launched
+from tests.server_utils import children, info_stat
+from tests.test_server_robustness import find_scheduler, launched
 
 SPECIAL = (0, 1, 2)
 VOCAB = 515

@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Optional
@@ -29,7 +28,21 @@ import pytest
 import requests
 
 from tests.conftest import random_prompts
-from tests.server_utils import ServerProcess, info_stat, server_info, wait_idle
+from tests.server_utils import (
+    ServerProcess,
+    alive,
+    assert_exits_with_children,
+    assert_inflight_answered,
+    children,
+    descendants,
+    group_members,
+    info_stat,
+    poll_until_unavailable,
+    server_info,
+    start_inflight,
+    wait_idle,
+    wait_until,
+)
 
 SPECIAL = (0, 1, 2)
 VOCAB = 515
@@ -38,60 +51,6 @@ TIMEOUT = 60
 
 class ShutdownHang(AssertionError):
     """The server did not exit in time."""
-
-
-# ------------------------------------------------------------------------------ process helpers
-def children(pid: int) -> List[int]:
-    kids: List[int] = []
-    for f in glob.glob(f"/proc/{pid}/task/*/children"):
-        try:
-            with open(f) as fh:
-                kids += [int(x) for x in fh.read().split()]
-        except OSError:
-            pass
-    return sorted(set(kids))
-
-
-def descendants(pid: int) -> List[int]:
-    out, todo = [], [pid]
-    while todo:
-        for k in children(todo.pop()):
-            if k not in out:
-                out.append(k)
-                todo.append(k)
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def group_members(pgid: int) -> List[int]:
-    out = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            out.append(int(stat.split("/")[2]))
-    return out
-
-
-def wait_until(cond, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def socket_inodes(pid: int) -> set:
@@ -283,52 +242,20 @@ def test_scheduler_death_gives_503_and_server_exits(server):
     s = server
     sched = find_scheduler(s.proc.pid)
     # a long request in flight when the scheduler dies must be answered, not left hanging
-    inflight: Dict[str, Any] = {}
-
-    def long_request():
-        try:
-            r = requests.post(s.base_url + "/generate", timeout=30, json={
-                "input_ids": ids_for(300, 8),
-                "sampling_params": {"temperature": 0, "max_new_tokens": 1800, "ignore_eos": True}})
-            inflight["status"] = r.status_code
-        except requests.RequestException as e:
-            inflight["error"] = repr(e)
-
-    t = threading.Thread(target=long_request, daemon=True)
-    t.start()
+    t, inflight = start_inflight(s.base_url, {"input_ids": ids_for(300, 8), "sampling_params": {
+        "temperature": 0, "max_new_tokens": 1800, "ignore_eos": True}})
     assert wait_until(lambda: info_stat(server_info(s.base_url), "num_running_reqs") == 1, 10)
     os.kill(sched["pid"], signal.SIGKILL)
     t0 = time.monotonic()
-    statuses: List[Any] = []
-    while time.monotonic() - t0 < 10:
-        try:
-            r = requests.post(s.base_url + "/generate", timeout=5, json={
-                "text": "are you there", "sampling_params": {"max_new_tokens": 2}})
-            statuses.append(r.status_code)
-            if r.status_code == 503:
-                msg = r.json()["message"].lower()
-                assert "unavailable" in msg or "scheduler" in msg, msg
-                break
-        except requests.ConnectionError:
-            statuses.append("connection-error")
-            break
-        time.sleep(0.1)
-    assert statuses and statuses[-1] in (503, "connection-error"), statuses
+    poll_until_unavailable(s.base_url, 10, lambda msg: "unavailable" in msg or "scheduler" in msg)
     assert time.monotonic() - t0 < 10
     try:  # health checks report it too (while the server is still up)
         h = requests.get(s.base_url + "/health_generate", timeout=5).status_code
         assert h == 503, h
     except requests.ConnectionError:
         pass
-    t.join(timeout=30)
-    assert not t.is_alive(), "the in-flight request hung"
-    assert inflight.get("status") == 503 or "error" in inflight, inflight
-    # the server exits on its own, children included
-    try:
-        s.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pytest.fail("server did not exit within 15 s of its scheduler's death")
-    assert wait_until(lambda: not group_members(s.proc.pid), 10), group_members(s.proc.pid)
+    assert_inflight_answered(t, inflight)
+    assert_exits_with_children(s.proc, 15, "its scheduler's death")
 
 
 def test_parent_death_takes_children_down(model_path):

@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Dict, List
 
@@ -26,7 +24,15 @@ import requests
 import radixlm
 from radixlm.layers.linear import kv_head_sharding
 from tests.conftest import ARCHS, random_prompts
-from tests.server_utils import ServerProcess
+from tests.server_utils import (
+    ServerProcess,
+    assert_exits_with_children,
+    assert_inflight_answered,
+    children,
+    comm,
+    poll_until_unavailable,
+    start_inflight,
+)
 
 ENGINE_KW = dict(log_level="warning", max_total_tokens=4096, chunked_prefill_size=16)
 SP = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
@@ -70,10 +76,10 @@ def test_kv_heads_fewer_than_ranks_are_replicated(model_factory):
 
 def test_tp_size_that_does_not_divide_the_heads_is_a_clear_error(model_factory):
     path = model_factory("llama", num_attention_heads=3, num_key_value_heads=1)  # head_dim 32
-    before = set(_children(os.getpid()))
+    before = set(children(os.getpid()))
     with pytest.raises(ValueError, match="tp_size 2 .*num_attention_heads 3"):
         radixlm.Engine(model_path=path, tp_size=2, log_level="warning")
-    assert set(_children(os.getpid())) <= before  # refused before any rank started
+    assert set(children(os.getpid())) <= before  # refused before any rank started
     for bad in (dict(num_key_value_heads=3), dict(intermediate_size=201)):  # KV heads, MLP
         with pytest.raises(ValueError, match="tp_size 2"):
             radixlm.Engine(model_path=model_factory("llama", num_attention_heads=6, **bad), tp_size=2)
@@ -84,33 +90,6 @@ def test_tp_size_that_does_not_divide_the_heads_is_a_clear_error(model_factory):
 
 
 # ------------------------------------------------------------------------------ the server
-def _children(pid: int) -> List[int]:
-    out = []
-    for path in glob.glob(f"/proc/{pid}/task/*/children"):
-        try:
-            with open(path) as f:
-                out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def tp_server(qwen2_path):
     with ServerProcess(qwen2_path, ["--tp", "2", "--max-total-tokens", "4096"]) as s:
@@ -125,56 +104,22 @@ def test_server_tp2_generate_matches_tp1(tp_server, qwen2_path):
                       timeout=60)
     assert r.status_code == 200, r.text
     assert [o["output_ids"] for o in r.json()] == ref
-    ranks = [p for p in _children(tp_server.proc.pid) if _comm(p) == "radixlm-tp1"]
+    ranks = [p for p in children(tp_server.proc.pid) if comm(p) == "radixlm-tp1"]
     assert len(ranks) == 1  # one process per rank: rank 0 is the scheduler, rank 1 this one
 
 
 def test_killed_follower_rank_gives_503_and_server_exits(tp_server):
     """Runs last on the module's server (it kills it)."""
     s = tp_server
-    (follower,) = [p for p in _children(s.proc.pid) if _comm(p) == "radixlm-tp1"]
-    inflight: Dict[str, Any] = {}
-
-    def long_request():  # in flight when the rank dies: answered, never left hanging
-        try:
-            r = requests.post(s.base_url + "/generate", timeout=30, json={
-                "input_ids": [5] * 20, "sampling_params": {"temperature": 0, "max_new_tokens": 1500,
-                                                           "ignore_eos": True}})
-            inflight["status"] = r.status_code
-        except requests.RequestException as e:
-            inflight["error"] = repr(e)
-
-    t = threading.Thread(target=long_request, daemon=True)
-    t.start()
+    (follower,) = [p for p in children(s.proc.pid) if comm(p) == "radixlm-tp1"]
+    # in flight when the rank dies: answered, never left hanging
+    t, inflight = start_inflight(s.base_url, {"input_ids": [5] * 20, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 1500, "ignore_eos": True}})
     time.sleep(0.5)
-    kids = _children(s.proc.pid)
     os.kill(follower, signal.SIGKILL)
-    t0 = time.monotonic()
-    statuses: List[Any] = []
-    while time.monotonic() - t0 < 15:
-        try:
-            r = requests.post(s.base_url + "/generate", timeout=5,
-                              json={"text": "are you there", "sampling_params": {"max_new_tokens": 2}})
-            statuses.append(r.status_code)
-            if r.status_code == 503:
-                assert "unavailable" in r.json()["message"].lower()
-                break
-        except requests.ConnectionError:
-            statuses.append("connection-error")
-            break
-        time.sleep(0.1)
-    assert statuses and statuses[-1] in (503, "connection-error"), statuses
-    t.join(timeout=30)
-    assert not t.is_alive(), "the in-flight request hung"
-    assert inflight.get("status") == 503 or "error" in inflight, inflight
-    try:
-        s.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the server did not exit after its follower rank died")
-    deadline = time.monotonic() + 10
-    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [k for k in kids if _alive(k)], "children outlived the server"
+    poll_until_unavailable(s.base_url, 15, lambda msg: "unavailable" in msg)
+    assert_inflight_answered(t, inflight)
+    assert_exits_with_children(s.proc, 20, "its follower rank's death")
 
 
 def test_multi_node_flags_are_checked_and_map_ranks_to_nodes():
