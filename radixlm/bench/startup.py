@@ -134,7 +134,7 @@ def report(results: Dict[str, Dict[str, Dict]]) -> str:
         for label, s in by_variant.items():
             if s["timeline_median_s"]:
                 lines.append(f"  {label} timeline (median s since launch; +s since the process's previous mark):")
-                lines.extend(f"    {k:<24} {t:6.2f}  +{d:.2f}" for k, t, d in phases(s["timeline_median_s"]))
+                lines.extend(f"    {k:<24} {t:6.2f}  {d:+.2f}" for k, t, d in phases(s["timeline_median_s"]))
     return "\n".join(lines)
 
 
