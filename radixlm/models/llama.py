@@ -24,8 +24,15 @@ from radixlm.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbeddin
 from radixlm.models.model_config import ModelConfig
 
 
+def build_rotary(cfg: ModelConfig) -> RotaryEmbedding:
+    """The model's one cos/sin table, shared by every layer."""
+    return RotaryEmbedding(cfg.head_dim, cfg.context_len, cfg.rope_theta, cfg.rope_scaling,
+                           max_position_embeddings=cfg.get("max_position_embeddings"))
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool,
+                 rotary_emb: RotaryEmbedding = None):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         attention_bias = bool(cfg.get("attention_bias", False))
@@ -35,11 +42,12 @@ class LlamaAttention(nn.Module):
         self.head_dim = d
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.o_proj = RowParallelLinear(cfg.num_heads * d, h, bias=attention_bias)
-        self.rotary_emb = RotaryEmbedding(d, cfg.context_len, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_emb = rotary_emb if rotary_emb is not None else build_rotary(cfg)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(d, eps) if qk_norm else None
         self.k_norm = RMSNorm(d, eps) if qk_norm else None
-        self.attn = RadixAttention(self.num_heads, d, d ** -0.5, self.num_kv_heads, layer_id)
+        self.attn = RadixAttention(self.num_heads, d, d ** -0.5, self.num_kv_heads, layer_id,
+                                   sliding_window=cfg.sliding_window_for_layer(layer_id))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -67,10 +75,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, layer_id: int, qkv_bias: bool, qk_norm: bool,
+                 rotary_emb: RotaryEmbedding = None):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = LlamaAttention(cfg, layer_id, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(cfg, layer_id, qkv_bias, qk_norm, rotary_emb)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
@@ -90,7 +99,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, qkv_bias: bool, qk_norm: bool):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm) for i in range(cfg.num_layers)])
+        rotary_emb = build_rotary(cfg)  # one cos/sin table for all layers (the same module in each)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, rotary_emb)
+                                     for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.get("rms_norm_eps", 1e-6))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
