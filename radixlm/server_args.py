@@ -46,6 +46,12 @@ def _tool_call_parsers():
     return TOOL_CALL_PARSERS
 
 
+def _reasoning_parsers():
+    from radixlm.entrypoints.openai.reasoning_parser import REASONING_PARSERS
+
+    return REASONING_PARSERS
+
+
 def opt(default: Any, help: str, *, choices: Optional[Choices] = None, ge: Optional[float] = None,
         le: Optional[float] = None, group: Optional[str] = None, cli: bool = True, positive: bool = False,
         aliases: Tuple[str, ...] = ()):
@@ -143,6 +149,11 @@ class ServerArgs:
                                                 "llama3 = Llama-3.1 JSON calls. Default: hermes when the chat "
                                                 "template contains <tool_call>, else llama3.",
                                           choices=_tool_call_parsers)
+    reasoning_parser: Optional[str] = opt(None, "Split the model's <think>...</think> block off its answer in chat "
+                                                "completions (message.reasoning_content / delta.reasoning_content): "
+                                                "deepseek-r1 (the output starts inside the block), qwen3 (inside it "
+                                                "unless chat_template_kwargs.enable_thinking is false).",
+                                          choices=_reasoning_parsers)
     # server
     host: str = opt("127.0.0.1", "Address to bind.")
     port: int = opt(30000, "Port to bind.", ge=0, le=65535)

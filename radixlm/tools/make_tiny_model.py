@@ -21,7 +21,8 @@ owns the model side: config, seeded weights, and the directory layout.
 CLI::
 
     python -m radixlm.tools.make_tiny_model OUT --arch llama|qwen2|qwen3|mistral \
-        [--size tiny|small|medium] [--seed N] [--dtype float32|bfloat16|float16]
+        [--size tiny|small|medium] [--seed N] [--dtype float32|bfloat16|float16] \
+        [--chat-template-style chatml|qwen3|deepseek-r1]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 from radixlm.tools.tiny_tokenizer import (
     CHAT_TEMPLATE,
+    CHAT_TEMPLATES,
     EOS_TOKEN_ID,
     IM_END_ID,
     IM_START_ID,
@@ -292,17 +294,21 @@ def _make_weights(cfg: dict[str, Any], seed: int, n_real_tokens: int):
 
 
 def make_tiny_model(out_dir, arch: str = "llama", size: str = "tiny", seed: int = 0,
-                    dtype: str = "float32", **config_overrides: Any) -> pathlib.Path:
+                    dtype: str = "float32", chat_template_style: str = "chatml",
+                    **config_overrides: Any) -> pathlib.Path:
     """Write a random-weight HF checkpoint + tokenizer to ``out_dir``; return its path.
 
     ``config_overrides`` replace config.json fields before the weights are
     generated (e.g. ``num_key_value_heads=1`` for MQA,
     ``tie_word_embeddings=True``, ``num_hidden_layers=1``), so the weights
-    always match the written config.
+    always match the written config. ``chat_template_style`` picks the chat
+    template (tiny_tokenizer.CHAT_TEMPLATES: ChatML, or ChatML with Qwen3's or
+    DeepSeek-R1's think block in the generation prompt).
     """
     import torch
     from safetensors.torch import save_file
 
+    tok_config = tokenizer_config(0, chat_template_style)  # an unknown style fails before any work
     cfg = build_config(arch, size, dtype, **config_overrides)
     tok_vocab = _TOKENIZER_VOCAB[size]
     tok_json = get_tokenizer_json(tok_vocab)
@@ -328,7 +334,7 @@ def make_tiny_model(out_dir, arch: str = "llama", size: str = "tiny", seed: int 
         gen["transformers_version"] = cfg["transformers_version"]
     dump("generation_config.json", gen)
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    dump("tokenizer_config.json", tokenizer_config(cfg["max_position_embeddings"]))
+    dump("tokenizer_config.json", {**tok_config, "model_max_length": cfg["max_position_embeddings"]})
     dump("special_tokens_map.json", special_tokens_map())
     return out
 
@@ -354,11 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--chat-template-style", choices=tuple(CHAT_TEMPLATES), default="chatml",
+                    help="chat template: ChatML, or ChatML with Qwen3's / DeepSeek-R1's think block")
     ap.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
                     metavar="KEY=VALUE", help="override a config field (value parsed as JSON if possible)")
     args = ap.parse_args(argv)
     path = make_tiny_model(args.out, arch=args.arch, size=args.size, seed=args.seed,
-                           dtype=args.dtype, **dict(args.overrides))
+                           dtype=args.dtype, chat_template_style=args.chat_template_style,
+                           **dict(args.overrides))
     print(path)
     return 0
 

@@ -77,6 +77,21 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# Reasoning-model variants (``chat_template_style``), for the reasoning parsers' tests: ChatML whose
+# generation prompt handles the think block as the real templates do.
+#   qwen3        Qwen3's: the model opens <think> itself; ``enable_thinking=False`` (a chat_template_kwargs
+#                key) makes the prompt close an empty block ("<think>\n\n</think>\n\n").
+#   deepseek-r1  DeepSeek-R1's (recent revisions): the prompt opens the block ("<think>\n"), so the
+#                model's output starts inside it.
+_GEN_PROMPT = "{{- '<|im_start|>assistant\\n' -}}"
+CHAT_TEMPLATES = {
+    "chatml": CHAT_TEMPLATE,
+    "qwen3": CHAT_TEMPLATE.replace(
+        _GEN_PROMPT, _GEN_PROMPT + "{%- if enable_thinking is defined and enable_thinking is false -%}"
+                                   "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"),
+    "deepseek-r1": CHAT_TEMPLATE.replace(_GEN_PROMPT, _GEN_PROMPT + "{{- '<think>\\n' -}}"),
+}
+
 
 def _read_corpus() -> list[str]:
     text = CORPUS_PATH.read_text(encoding="utf-8")
@@ -116,7 +131,9 @@ def get_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+def tokenizer_config(model_max_length: int, chat_template_style: str = "chatml") -> dict[str, Any]:
+    if chat_template_style not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_template_style {chat_template_style!r}: one of {', '.join(CHAT_TEMPLATES)}")
     added = {
         str(i): {
             "content": s,
@@ -135,7 +152,7 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
         "added_tokens_decoder": added,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": CHAT_TEMPLATES[chat_template_style],
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|endoftext|>",
         "errors": "replace",
