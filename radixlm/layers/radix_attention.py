@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -9,8 +11,11 @@ from radixlm.attention.forward_context import get_forward_batch
 
 
 class RadixAttention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int):
+    def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int,
+                 sliding_window: Optional[int] = None):
         super().__init__()
+        # a query at position p attends to keys at positions (p - sliding_window, p]; None: all of [0, p]
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scaling = scaling

@@ -107,6 +107,26 @@ class ModelConfig:
             return None
         return rs
 
+    def sliding_window_for_layer(self, layer_id: int) -> Optional[int]:
+        """The attention window of layer `layer_id` (None: full causal attention), the way HF decides:
+        `layer_types` when the config lists them; Qwen2/Qwen3: `sliding_window` only with
+        `use_sliding_window`, on layers >= `max_window_layers`; Mistral (and others): every layer
+        when `sliding_window` is set. A query at position p sees keys at positions (p - window, p]."""
+        cfg = self.hf_config
+        window = cfg.get("sliding_window")
+        qwen = cfg.get("model_type") in ("qwen2", "qwen3") or self.architecture.startswith(("Qwen2", "Qwen3"))
+        if qwen and not cfg.get("use_sliding_window", False):
+            window = None
+        if not window:
+            return None
+        layer_types = cfg.get("layer_types")
+        if layer_types:
+            return int(window) if layer_types[layer_id] == "sliding_attention" else None
+        if qwen:
+            mwl = cfg.get("max_window_layers")
+            return int(window) if layer_id >= (28 if mwl is None else int(mwl)) else None
+        return int(window)
+
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(self.hf_config.get("tie_word_embeddings", False))
