@@ -2,7 +2,9 @@
 
 Works on CPU and CUDA. Extend loops over requests (each attends to its cached prefix plus its own
 new tokens, causally); decode gathers every request's slots into one padded batch with a length
-mask. Other backends are tested against this one.
+mask. Sliding-window layers (`layer.sliding_window` = W) mask keys at positions <= p - W for a query
+at position p (HF's rule); the pool still holds every token, so a cached prefix longer than the
+window stays valid. Other backends are tested against this one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class TorchNativeAttnBackend(AttentionBackend):
     def __init__(self, **_unused):
         self._decode_idx = None
         self._decode_mask = None
+        self._decode_window_masks = {}
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.forward_mode.is_decode:
@@ -32,6 +35,8 @@ class TorchNativeAttnBackend(AttentionBackend):
             self._decode_idx = table[fb.req_pool_indices, :max_len]
             ar = torch.arange(max_len, device=fb.seq_lens.device)
             self._decode_mask = (ar[None, :] < fb.seq_lens[:, None])[:, None, None, :]
+            self._decode_ar = ar
+            self._decode_window_masks = {}
 
     def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
         pool = fb.token_to_kv_pool
@@ -48,12 +53,16 @@ class TorchNativeAttnBackend(AttentionBackend):
             qi = q[start:start + ext].transpose(0, 1).unsqueeze(0)  # [1, Hq, E, D]
             ki = _gather(k_buf, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hk, S, D]
             vi = _gather(v_buf, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-            if pre == 0:
+            window = getattr(layer, "sliding_window", None)
+            if pre == 0 and window is None:
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling,
                                                    enable_gqa=True)
             else:
                 rows = torch.arange(ext, device=q.device)[:, None] + pre
-                mask = torch.arange(seq, device=q.device)[None, :] <= rows
+                cols = torch.arange(seq, device=q.device)[None, :]
+                mask = cols <= rows
+                if window is not None:
+                    mask &= cols > rows - window
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scaling,
                                                    enable_gqa=True)
             out[start:start + ext] = o.squeeze(0).transpose(0, 1)
@@ -70,6 +79,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         keys = _gather(k_buf, flat).view(b, l, *k_buf.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, Hk, L, D]
         vals = _gather(v_buf, flat).view(b, l, *v_buf.shape[1:]).transpose(1, 2).to(q.dtype)
         qb = q.view(-1, layer.num_heads, 1, layer.head_dim)
-        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=self._decode_mask, scale=layer.scaling,
+        mask = self._decode_mask
+        window = getattr(layer, "sliding_window", None)
+        if window is not None:
+            mask = self._decode_window_masks.get(window)
+            if mask is None:
+                lo = (fb.seq_lens - window)[:, None, None, None]
+                mask = self._decode_mask & (self._decode_ar[None, None, None, :] >= lo)
+                self._decode_window_masks[window] = mask
+        o = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=mask, scale=layer.scaling,
                                            enable_gqa=True)
         return o.reshape(-1, layer.num_heads * layer.head_dim)
