@@ -63,6 +63,13 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerArgs:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    from radixlm.models.hub import prepare_args
+
+    try:  # a hub id -> its snapshot directory; a missing model or no network: one line, exit 1
+        args = prepare_args(args)
+    except ValueError as e:
+        print(f"radixlm: {e}", file=sys.stderr)
+        sys.exit(1)
     if args.dp_size > 1:  # N replicas behind sglang-router (entrypoints/dp_launcher.py)
         from radixlm.entrypoints.dp_launcher import launch_dp
 

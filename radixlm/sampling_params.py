@@ -53,9 +53,12 @@ class SamplingParams:
     custom_params: Optional[Dict[str, Any]] = None  # for a custom logit processor: carried, not interpreted
 
     @classmethod
-    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "SamplingParams":
+    def from_dict(cls, d: Optional[Dict[str, Any]], defaults: Optional[Dict[str, Any]] = None) -> "SamplingParams":
+        """`defaults`: values for the fields `d` leaves unset (missing or null), e.g. the model's
+        generation_config.json sampling fields (--sampling-defaults model); the class defaults after
+        that. A SamplingParams object is copied as it is (its fields are all set)."""
         if d is None:
-            return cls()
+            d = {}
         if isinstance(d, SamplingParams):
             return dataclasses.replace(d)
         if not isinstance(d, dict):
@@ -64,6 +67,8 @@ class SamplingParams:
         if "seed" in d:  # OpenAI's name for the same thing
             d["sampling_seed"] = d.pop("seed")
         d = {k: v for k, v in d.items() if v is not None}  # null means "use the default"
+        for k, v in (defaults or {}).items():
+            d.setdefault(k, v)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -71,7 +71,12 @@ def choices_of(f: dataclasses.Field) -> Optional[Tuple[str, ...]]:
 @dataclass(frozen=True)
 class ServerArgs:
     # model
-    model_path: Optional[str] = opt(None, "Local HF checkpoint directory (config.json, *.safetensors).")
+    model_path: Optional[str] = opt(None, "Local HF checkpoint directory (config.json, *.safetensors), or a "
+                                          "Hugging Face hub id (org/name; downloaded to the hub cache, HF_HOME "
+                                          "and HF_HUB_OFFLINE respected).")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of a hub id --model-path.")
+    hub_model_id: Optional[str] = opt(None, "The hub id model_path was resolved from (set by the loader).",
+                                      cli=False)
     tokenizer_path: Optional[str] = opt(None, "Tokenizer directory (default: --model-path).")
     dtype: str = opt("auto", "Weight and activation dtype; auto = the checkpoint's (bfloat16 for float32 ones "
                              "on CUDA).", choices=DTYPES)
@@ -83,6 +88,13 @@ class ServerArgs:
     trust_remote_code: bool = opt(False, "Allow custom tokenizer code in the checkpoint.")
     skip_tokenizer_init: bool = opt(False, "No tokenizer: requests must carry input_ids, responses carry no "
                                            "text.")
+    sampling_defaults: str = opt("model", "Sampling defaults for fields a request leaves unset: model = the "
+                                          "checkpoint's generation_config.json (temperature, top_p, top_k, min_p, "
+                                          "repetition_penalty), openai = the plain defaults.",
+                                 choices=("model", "openai"))
+    chat_template: Optional[str] = opt(None, "Chat template for the chat API (and the frontend language): a file "
+                                             "(Jinja, or JSON with a chat_template key) or a built-in name "
+                                             "(chatml). Default: the tokenizer's.")
     show_progress: bool = opt(False, "Progress bar while loading weights (the server turns it on).", cli=False)
     # memory and scheduling
     mem_fraction_static: float = opt(0.88, "Fraction of GPU memory for weights + KV cache pool.",

@@ -34,13 +34,16 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model_path=None, **kwargs):
-        self.server_args = args = prepare_tp_args(ServerArgs(model_path=model_path, **kwargs))
+        from radixlm.models.hub import prepare_args
+
+        self.server_args = args = prepare_tp_args(prepare_args(ServerArgs(model_path=model_path, **kwargs)))
         if args.dp_size > 1:
             raise ValueError("dp_size: the offline Engine is one replica; data parallelism is "
                              "`python -m radixlm.launch_server --dp-size N` (replicas behind sglang-router)")
         logging.getLogger("radixlm").setLevel(args.log_level.upper())
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
-                                                                             args.trust_remote_code)
+                                                                             args.trust_remote_code,
+                                                                             args.chat_template)
         # tp_size > 1: this process is rank 0, the other ranks are child processes (radixlm/managers/tp_launch.py)
         self._tp_procs = start_tp_followers(args, os.getpid()) if args.tp_size > 1 else []
         try:

@@ -102,8 +102,10 @@ async def health_generate(request: Request) -> Response:
 # ---------------------------------------------------------------------- info and control
 async def model_info(request: Request):
     tm = _tm(request)
-    return {"model_path": tm.args.model_path, "tokenizer_path": tm.args.resolved_tokenizer_path,
-            "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
+    model_path = tm.args.hub_model_id or tm.args.model_path  # the hub id the user gave, not its cache dir
+    return {"model_path": model_path, "tokenizer_path": tm.args.tokenizer_path or model_path,
+            "is_generation": True, "preferred_sampling_params": tm.builder.sampling_defaults or None,
+            "weight_version": "default",
             "served_model_name": tm.served_model_name, "max_context_length": tm.model_config.context_len,
             "architecture": tm.model_config.architecture}
 

@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
@@ -70,8 +70,11 @@ def check_strings(obj: Any, field: str) -> None:
 
 class RequestBuilder:
     def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar",
-                 limits: Optional[RequestLimits] = None, enable_priority_scheduling: bool = False):
+                 limits: Optional[RequestLimits] = None, enable_priority_scheduling: bool = False,
+                 sampling_defaults: Optional[Dict[str, Any]] = None):
         self.tokenizer = tokenizer
+        # values for the sampling fields a request leaves unset (generation_config.json, --sampling-defaults)
+        self.sampling_defaults: Dict[str, Any] = dict(sampling_defaults or {})
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.grammar_backend = grammar_backend
@@ -81,8 +84,13 @@ class RequestBuilder:
 
     @classmethod
     def from_server_args(cls, args, tokenizer, vocab_size: int, context_len: int) -> "RequestBuilder":
+        defaults = None
+        if getattr(args, "sampling_defaults", "model") == "model" and args.model_path:
+            from radixlm.models.model_config import read_sampling_defaults
+
+            defaults = read_sampling_defaults(args.model_path)
         return cls(tokenizer, vocab_size, context_len, args.grammar_backend, RequestLimits.from_server_args(args),
-                   bool(getattr(args, "enable_priority_scheduling", False)))
+                   bool(getattr(args, "enable_priority_scheduling", False)), defaults)
 
     # ------------------------------------------------------------------ text
     @property
@@ -153,7 +161,7 @@ class RequestBuilder:
             check_strings(sp_dict, "sampling_params")
             if isinstance(sp_dict, dict):
                 sp_dict = check_sampling_fields(sp_dict)
-            sp = SamplingParams.from_dict(sp_dict)
+            sp = SamplingParams.from_dict(sp_dict, defaults=self.sampling_defaults)
             self.check_limits(sp)  # bounds first: a thousand patterns are refused before any is parsed
             sp.verify(self.vocab_size)
             if self.tokenizer is None and sp.stop_regex_strs:

@@ -64,7 +64,8 @@ class TokenizerManager:
         self.args = args
         self.model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length)
         self.tokenizer = None if args.skip_tokenizer_init else get_tokenizer(args.resolved_tokenizer_path,
-                                                                             args.trust_remote_code)
+                                                                             args.trust_remote_code,
+                                                                             args.chat_template)
         self.startup_marks["main.tokenizer"] = time.time()
         self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
                                                        self.model_config.context_len)

@@ -25,6 +25,47 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+# generation_config.json fields that are request sampling defaults (SGLang's --sampling-defaults model)
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def auto_dtype(cfg: Dict[str, Any], device: Optional[str] = None) -> torch.dtype:
+    """dtype `auto`: the checkpoint's torch_dtype (float32 when it names none), except that a float32
+    checkpoint runs in bfloat16 on CUDA. `device` None: CUDA when available."""
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    try:
+        torch_dtype = parse_dtype(name)
+    except ValueError:  # e.g. an FP8 checkpoint's "float8_e4m3fn": activations in bfloat16
+        torch_dtype = torch.bfloat16
+    on_cuda = torch.cuda.is_available() if device in (None, "auto") else torch.device(device).type == "cuda"
+    if torch_dtype == torch.float32 and on_cuda:
+        torch_dtype = torch.bfloat16
+    return torch_dtype
+
+
+def read_sampling_defaults(model_path: str) -> Dict[str, Any]:
+    """The request sampling defaults in the checkpoint's generation_config.json (only the fields it
+    sets, as numbers; {} when there is no file). HF's top_k 0 (no top-k) becomes SGLang's -1."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(gen, dict):
+        return {}
+    out = {}
+    for k in SAMPLING_DEFAULT_FIELDS:
+        v = gen.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = int(v) if k == "top_k" else float(v)
+    if out.get("top_k") == 0:  # HF: 0 disables top-k; SGLang: -1
+        out["top_k"] = -1
+    return out
+
+
 @dataclass
 class ModelConfig:
     model_path: str
@@ -36,7 +77,13 @@ class ModelConfig:
 
     @classmethod
     def from_path(cls, model_path: str, dtype: str = "auto", context_length: Optional[int] = None,
-                  overrides: Optional[Dict[str, Any]] = None) -> "ModelConfig":
+                  overrides: Optional[Dict[str, Any]] = None, device: Optional[str] = None) -> "ModelConfig":
+        """`device`: where the model will run (dtype auto turns a float32 checkpoint into bfloat16 on
+        CUDA only); None = CUDA when available. A hub id is resolved first (radixlm/models/hub.py)."""
+        if not os.path.isdir(model_path):
+            from radixlm.models.hub import resolve_model_path
+
+            model_path = resolve_model_path(model_path)
         path = os.path.join(model_path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model_path {model_path!r} has no config.json (radixlm loads local HF directories)")
@@ -47,10 +94,7 @@ class ModelConfig:
         if not archs:
             raise ValueError(f"{path}: 'architectures' is missing")
         if dtype == "auto":
-            name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-            torch_dtype = parse_dtype(name)
-            if torch_dtype == torch.float32 and torch.cuda.is_available():
-                torch_dtype = torch.bfloat16
+            torch_dtype = auto_dtype(cfg, device)
         else:
             torch_dtype = parse_dtype(dtype)
         max_pos = int(cfg.get("max_position_embeddings", 2048))
