@@ -234,7 +234,8 @@ class TritonAttnBackend(AttentionBackend):
         self._k.extend_attention_fwd(
             q3, k3, v3, o, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
             fb.extend_prefix_lens, meta.qo_start, fb.extend_seq_lens, meta.tile_req, meta.tile_m, layer.scaling,
-            block_m=cfg["block_m"], block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            block_m=cfg["block_m"], block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            sliding_window=getattr(layer, "sliding_window", None))
         return o.view(-1, hq * d)
 
     def forward_decode(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
@@ -253,5 +254,6 @@ class TritonAttnBackend(AttentionBackend):
         self._k.decode_attention_fwd(
             q3, o, k_buf, v_buf, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
             meta.num_splits, meta.mid[0], meta.mid[1], layer.scaling,
-            block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            sliding_window=getattr(layer, "sliding_window", None))
         return o.view(-1, hq * d)

@@ -109,19 +109,24 @@ def main(argv=None) -> int:
                 ptr = {n: f"*{dt}" for n in ("Q", "KNew", "VNew", "O", "KBuf", "VBuf")}
                 ptr.update({"ReqToToken": "*i64", "ReqPoolIdx": "*i64", "PrefixLens": "*i64", "ExtendLens": "*i64",
                             "QoStart": "*i32", "TileReq": "*i32", "TileM": "*i32", "sm_scale_log2": "fp32"})
-                compile_one(f"extend {dt} D={d} G={group} {cfg}", ea._extend_attn_kernel, ptr,
-                            dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                                 IEEE=dt == "fp32"), cfg["num_warps"], cfg["num_stages"])
+                for sw in (False, True):
+                    compile_one(f"extend {dt} D={d} G={group} sliding={sw} {cfg}", ea._extend_attn_kernel, ptr,
+                                dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg["block_m"],
+                                     BLOCK_N=cfg["block_n"], IEEE=dt == "fp32", SLIDING=sw),
+                                cfg["num_warps"], cfg["num_stages"])
                 dcfg = tb.decode_config(d, cuda=True)
                 ptr = {n: f"*{dt}" for n in ("Q", "KBuf", "VBuf")}
                 ptr.update({"ReqToToken": "*i64", "ReqPoolIdx": "*i64", "SeqLens": "*i64", "MidO": "*fp32",
                             "MidLse": "*fp32", "sm_scale_log2": "fp32"})
-                compile_one(f"decode-1 {dt} D={d} G={group} {dcfg}", da._decode_stage1_kernel, ptr,
-                            dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, BLOCK_H=max(16, common.next_pow2(group)),
-                                 BLOCK_N=dcfg["block_n"], IEEE=dt == "fp32"), dcfg["num_warps"], dcfg["num_stages"])
-            compile_one(f"decode-2 {dt} D={d}", da._decode_stage2_kernel,
-                        {"MidO": "*fp32", "MidLse": "*fp32", "O": f"*{dt}", "SeqLens": "*i64"},
-                        dict(HEAD_DIM=d, BLOCK_D=bd), 4 if bd <= 128 else 8, 2)
+                for sw in (False, True):
+                    compile_one(f"decode-1 {dt} D={d} G={group} sliding={sw} {dcfg}", da._decode_stage1_kernel, ptr,
+                                dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, BLOCK_H=max(16, common.next_pow2(group)),
+                                     BLOCK_N=dcfg["block_n"], IEEE=dt == "fp32", SLIDING=sw),
+                                dcfg["num_warps"], dcfg["num_stages"])
+            for sw in (False, True):
+                compile_one(f"decode-2 {dt} D={d} sliding={sw}", da._decode_stage2_kernel,
+                            {"MidO": "*fp32", "MidLse": "*fp32", "O": f"*{dt}", "SeqLens": "*i64"},
+                            dict(HEAD_DIM=d, BLOCK_D=bd, SLIDING=sw), 4 if bd <= 128 else 8, 2)
             row = 8 * d
             bc = min(common.next_pow2(row), 1024)
             compile_one(f"kv-store {dt} row={row}", ks._store_kv_kernel,

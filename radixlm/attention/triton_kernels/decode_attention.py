@@ -8,6 +8,8 @@ kv head. It writes the normalised partial output and its log-sum-exp (base 2) pe
 Stage 2, grid (batch, num_q_heads): merges the non-empty splits with their log-sum-exps.
 num_splits is a per-step runtime value (no recompiles): the backend picks it so that
 batch * kv_heads * splits fills the GPU while each split keeps a useful number of tokens.
+Sliding window (window > 0, a runtime value): both stages cut [max(seq - window, 0), seq) instead
+of [0, seq), so the splits cover only the keys the new token sees.
 Reference: `reference.ref_decode_attention` and the torch_native backend.
 """
 
@@ -25,11 +27,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_stage1_kernel(
     Q, KBuf, VBuf, ReqToToken, ReqPoolIdx, SeqLens, MidO, MidLse,
-    sm_scale_log2,
+    sm_scale_log2, window,
     stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SLIDING: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -38,8 +40,11 @@ def _decode_stage1_kernel(
 
     seq = tl.load(SeqLens + b).to(tl.int32)
     row = tl.load(ReqPoolIdx + b).to(tl.int64)
-    split_len = tl.cdiv(seq, num_splits)
-    start = split * split_len
+    base = seq * 0
+    if SLIDING:
+        base = tl.maximum(seq - window, 0)
+    split_len = tl.cdiv(seq - base, num_splits)
+    start = base + split * split_len
     end = tl.minimum(start + split_len, seq)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -79,10 +84,10 @@ def _decode_stage1_kernel(
 
 
 @triton.jit
-def _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d, stride_mos):
+def _merge_split(s, base, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d, stride_mos):
     """Folds split s's partial output and log-sum-exp into the running (max, sum, acc); empty
     splits (those starting at or past seq) load lse = -inf and weigh nothing."""
-    lo = s * split_len
+    lo = base + s * split_len
     lse = tl.load(ml + s + zero1, mask=(lo + zero1) < seq, other=float("-inf"))
     o = tl.load(mo + s * stride_mos + offs_d, mask=mask_d & ((lo + offs_d * 0) < seq), other=0.0)
     m_new = tl.maximum(m_run, lse)
@@ -93,14 +98,17 @@ def _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, ma
 
 @triton.jit
 def _decode_stage2_kernel(
-    MidO, MidLse, O, SeqLens, num_splits,
+    MidO, MidLse, O, SeqLens, num_splits, window,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SLIDING: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(SeqLens + b).to(tl.int32)
-    split_len = tl.cdiv(seq, num_splits)
+    base = seq * 0
+    if SLIDING:
+        base = tl.maximum(seq - window, 0)
+    split_len = tl.cdiv(seq - base, num_splits)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
@@ -113,12 +121,12 @@ def _decode_stage2_kernel(
     if LOOP_WHILE:
         s = num_splits * 0
         while s < num_splits:
-            m_run, l_run, acc = _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
+            m_run, l_run, acc = _merge_split(s, base, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
                                              stride_mos)
             s += 1
     else:
         for s in range(0, num_splits):
-            m_run, l_run, acc = _merge_split(s, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
+            m_run, l_run, acc = _merge_split(s, base, split_len, seq, mo, ml, m_run, l_run, acc, zero1, offs_d, mask_d,
                                              stride_mos)
     out = acc / l_run
     tl.store(O + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
@@ -133,8 +141,9 @@ def decode_buffers(batch: int, num_q_heads: int, num_splits: int, head_dim: int,
 
 def decode_attention_fwd(q, o, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, num_splits: int,
                          mid_o, mid_lse, sm_scale: float, *, block_n: int, num_warps: int = 4,
-                         num_stages: int = 2) -> None:
-    """q/o: [B, Hq, D]; k_buf/v_buf: [num_slots, Hk, D]; req_pool_indices/seq_lens: [B] ints;
+                         num_stages: int = 2, sliding_window: int | None = None) -> None:
+    """sliding_window: the new token (position seq - 1) sees keys [seq - window, seq) (None: all).
+    q/o: [B, Hq, D]; k_buf/v_buf: [num_slots, Hk, D]; req_pool_indices/seq_lens: [B] ints;
     mid_o/mid_lse from `decode_buffers(B, Hq, num_splits, D)`."""
     batch, hq, d = q.shape
     if batch == 0:
@@ -147,16 +156,16 @@ def decode_attention_fwd(q, o, k_buf, v_buf, req_to_token, req_pool_indices, seq
     bd = block_d(d)
     _decode_stage1_kernel[(batch, hk, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
-        sm_scale * LOG2E,
+        sm_scale * LOG2E, int(sliding_window or 0),
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_D=bd, BLOCK_H=max(16, next_pow2(group)), BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        IEEE=q.dtype == torch.float32, SLIDING=bool(sliding_window), num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2_kernel[(batch, hq)](
-        mid_o, mid_lse, o, seq_lens, num_splits,
+        mid_o, mid_lse, o, seq_lens, num_splits, int(sliding_window or 0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
-        HEAD_DIM=d, BLOCK_D=bd, num_warps=4 if bd <= 128 else 8,
+        HEAD_DIM=d, BLOCK_D=bd, SLIDING=bool(sliding_window), num_warps=4 if bd <= 128 else 8,
     )

@@ -1,7 +1,8 @@
 """Plain-PyTorch references for the Triton kernels (explicit softmax, float32 math).
 
 They take the same arguments as the kernels' launch wrappers minus the launch metadata, and
-are deliberately naive: a loop over requests, a full score matrix per request.
+are deliberately naive: a loop over requests, a full score matrix per request. `sliding_window`:
+a query at position p sees keys at positions (p - window, p].
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _attend(q, keys, vals, mask, sm_scale):
 
 
 def ref_extend_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-                         sm_scale: float) -> torch.Tensor:
+                         sm_scale: float, sliding_window=None) -> torch.Tensor:
     """q: [T, Hq, D] (requests' new tokens back to back); the pool already holds every request's
     prefix and new tokens at req_to_token[row, :prefix + extend]. Returns [T, Hq, D] in q's dtype."""
     out = torch.empty_like(q)
@@ -35,16 +36,21 @@ def ref_extend_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, prefix
         slots = req_to_token[row, :pre + ext]
         pos = torch.arange(pre, pre + ext, device=q.device)
         mask = torch.arange(pre + ext, device=q.device)[None, :] <= pos[:, None]
+        if sliding_window:
+            mask &= torch.arange(pre + ext, device=q.device)[None, :] > pos[:, None] - sliding_window
         out[start:start + ext] = _attend(q[start:start + ext], k_buf[slots], v_buf[slots], mask, sm_scale).to(q.dtype)
         start += ext
     return out
 
 
-def ref_decode_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sm_scale: float) -> torch.Tensor:
+def ref_decode_attention(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sm_scale: float,
+                         sliding_window=None) -> torch.Tensor:
     """q: [B, Hq, D], one token per request attending to req_to_token[row, :seq_len]."""
     out = torch.empty_like(q)
     for i, (row, n) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
         slots = req_to_token[row, :n]
         mask = torch.ones((1, n), dtype=torch.bool, device=q.device)
+        if sliding_window:
+            mask[:, :max(n - sliding_window, 0)] = False
         out[i:i + 1] = _attend(q[i:i + 1], k_buf[slots], v_buf[slots], mask, sm_scale).to(q.dtype)
     return out
