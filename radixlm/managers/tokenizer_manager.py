@@ -360,10 +360,13 @@ class TokenizerManager:
                     if st.event.is_set():
                         st.event.clear()
                         progressed = True
-                        if st.finished or len(st.output_ids) - sent[i] >= intervals[i]:
+                        # decided before the yield: a finish that arrives while the consumer holds
+                        # this item sets the event again and is yielded next time, not dropped
+                        done = st.finished
+                        if done or len(st.output_ids) - sent[i] >= intervals[i]:
                             sent[i] = len(st.output_ids)
                             yield i, st
-                        if st.finished:
+                        if done:
                             del pending[i]
                 if not progressed:
                     waits = [asyncio.ensure_future(st.event.wait()) for st in pending.values()]
