@@ -109,6 +109,7 @@ class ChatMessage(_Model):
     name: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None  # an assistant turn's thinking (templates such as Qwen3's read it)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -123,3 +124,7 @@ class ChatCompletionRequest(SamplingFields):
     functions: Optional[List[Dict[str, Any]]] = None
     function_call: Optional[Union[str, Dict[str, Any]]] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
+    # with --reasoning-parser: the think block goes to reasoning_content (false: the text is left as is),
+    # streamed as it comes (stream_reasoning false: in one delta when the block closes)
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True

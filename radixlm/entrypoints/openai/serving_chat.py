@@ -13,6 +13,13 @@ itself); streaming -> content deltas for normal text, then per call a delta `too
 type, function: {name, arguments: ""}}]` followed by deltas carrying `arguments` fragments.
 Assistant messages' tool_calls whose arguments are a JSON string reach the template as objects
 (Llama-3.1's template and others expect a mapping).
+
+Reasoning (--reasoning-parser, reasoning_parser.py), unless the request sets separate_reasoning false:
+the think block goes to message.reasoning_content (null when there is none) and the answer to
+content; streaming sends delta.reasoning_content chunks, then the answer's deltas. Tool calls are
+parsed from the answer only. chat_template_kwargs reach the template and say whether a qwen3 output
+starts inside the block (enable_thinking). A forced tool call (tool_choice required / named) is not
+split: its grammar makes the whole output calls.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.common import BadRequest
 from radixlm.entrypoints.openai.logprobs import chat_logprobs
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest
+from radixlm.entrypoints.openai.reasoning_parser import ReasoningParser, separate_reasoning, starts_in_reasoning
 from radixlm.entrypoints.openai.tool_parser import ToolCallParser, parse_tool_calls, tool_call_deltas
 from radixlm.entrypoints.openai.tools import ToolSetup, prepare_tools
 from radixlm.managers.tokenizer_manager import ReqState, TokenizerManager
@@ -50,7 +58,7 @@ def _messages(req: ChatCompletionRequest) -> List[Dict[str, Any]]:
         if content is None and not (m.role == "assistant" and m.tool_calls):
             raise BadRequest(f"messages[{i}].content is required for role {m.role!r}", f"messages.{i}.content")
         d: Dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        for key in ("name", "tool_call_id"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
         if m.tool_calls is not None:
@@ -112,6 +120,15 @@ def _build(tm: TokenizerManager, req: ChatCompletionRequest) -> Tuple[list, Opti
     return msgs, setup
 
 
+def _reasoning(tm: TokenizerManager, req: ChatCompletionRequest,
+               setup: Optional[ToolSetup]) -> Optional[Tuple[str, bool]]:
+    """(parser name, whether the output starts inside the think block), or None: no split."""
+    name = getattr(tm.args, "reasoning_parser", None)
+    if name is None or not req.separate_reasoning or (setup is not None and setup.ebnf is not None):
+        return None
+    return name, starts_in_reasoning(name, req.chat_template_kwargs)
+
+
 def _finish(st: ReqState, has_calls: bool) -> Optional[str]:
     reason = common.finish_reason(st)
     return "tool_calls" if has_calls and reason == "stop" else reason
@@ -128,11 +145,16 @@ async def create_chat_completion(request: Request, tm: TokenizerManager, req: Ch
     if err is not None:
         return err
     choices = []
+    reasoning = _reasoning(tm, req, setup)
     for i, st in enumerate(states):
         lp = chat_logprobs(tm, st, 0, common.logprob_end(st)) if req.logprobs else None
-        message: Dict[str, Any] = {"role": "assistant", "content": st.text}
-        if setup is not None:
-            message["content"], calls = parse_tool_calls(st.text, setup.fmt, setup.names, setup.parallel)
+        text = st.text
+        message: Dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"], text = separate_reasoning(text, *reasoning)
+            message["content"] = text
+        if setup is not None:  # calls are parsed from the answer only
+            message["content"], calls = parse_tool_calls(text, setup.fmt, setup.names, setup.parallel)
             if calls:
                 message["tool_calls"] = calls
         choices.append({"index": i, "message": message, "logprobs": lp,
@@ -146,15 +168,27 @@ def _stream(tm: TokenizerManager, req: ChatCompletionRequest, setup: Optional[To
             rid: str, created: int, model: str):
     parsers = [ToolCallParser(setup.fmt, setup.names, setup.parallel) if setup is not None else None
                for _ in states]
+    reasoning = _reasoning(tm, req, setup)
+    rparsers = [ReasoningParser(*reasoning, stream_reasoning=req.stream_reasoning) if reasoning is not None
+                else None for _ in states]
 
     def chunk(choices: list) -> Dict[str, Any]:
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
 
     def deltas(i: int, text: str, finished: bool) -> List[Dict[str, Any]]:
+        out: List[Dict[str, Any]] = []
+        rp = rparsers[i]
+        if rp is not None:  # the think block -> reasoning deltas; the answer goes on
+            thought, text = rp.feed(text)
+            if finished:
+                more_thought, more_text = rp.finish()
+                thought, text = thought + more_thought, text + more_text
+            if thought:
+                out.append({"reasoning_content": thought})
         p = parsers[i]
         if p is None:
-            return [{"content": text}] if text else []
-        return tool_call_deltas(p.feed(text) + (p.finish() if finished else []))
+            return out + ([{"content": text}] if text else [])
+        return out + tool_call_deltas(p.feed(text) + (p.finish() if finished else []))
 
     def make_chunk(i: int, st: ReqState, delta: str, lp_from: int, lp_to: int, finish: Optional[str]):
         ds = deltas(i, delta, finish is not None)
