@@ -14,6 +14,12 @@ ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without CUDA the Triton kernels run in Triton's interpreter, which TRITON_INTERPRET selects only if
+# set before triton is first imported: set here, before any test module imports radixlm's kernels
+# (tests/triton_env.py sets it too, for the kernel modules' own imports).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
