@@ -68,10 +68,10 @@ def online_softmax_update(q, k, v, keep, m_i, l_i, acc, sm_scale_log2, IEEE: tl.
 
 
 @triton.jit
-def gathered_block(start_n, end_n, q, m_i, l_i, acc, slot_row, k_head, v_head, stride_kbs, stride_vbs,
-                   offs_nb, offs_d, mask_d, sm_scale_log2, IEEE: tl.constexpr):
-    """Attends q to the pool slots slot_row[start_n : min(start_n + BLOCK_N, end_n)].
-    slot_row: the request's req_to_token row; k_head/v_head: the pool buffers at the kv head."""
+def gather_kv_block(start_n, end_n, slot_row, k_head, v_head, stride_kbs, stride_vbs, offs_nb, offs_d, mask_d):
+    """Loads K (transposed) and V of the pool slots slot_row[start_n : min(start_n + BLOCK_N, end_n)];
+    returns (positions, in-range mask, k, v). slot_row: the request's req_to_token row; k_head/v_head:
+    the pool buffers at the kv head."""
     offs_n = start_n + offs_nb
     mask_n = offs_n < end_n
     slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -79,4 +79,13 @@ def gathered_block(start_n, end_n, q, m_i, l_i, acc, slot_row, k_head, v_head, s
                 other=0.0)
     v = tl.load(v_head + slots[:, None] * stride_vbs + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
                 other=0.0)
+    return offs_n, mask_n, k, v
+
+
+@triton.jit
+def gathered_block(start_n, end_n, q, m_i, l_i, acc, slot_row, k_head, v_head, stride_kbs, stride_vbs,
+                   offs_nb, offs_d, mask_d, sm_scale_log2, IEEE: tl.constexpr):
+    """Attends q to the pool slots slot_row[start_n : min(start_n + BLOCK_N, end_n)]."""
+    offs_n, mask_n, k, v = gather_kv_block(start_n, end_n, slot_row, k_head, v_head, stride_kbs, stride_vbs,
+                                           offs_nb, offs_d, mask_d)
     return online_softmax_update(q, k, v, mask_n[None, :], m_i, l_i, acc, sm_scale_log2, IEEE)

@@ -24,7 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from radixlm.attention.triton_kernels.common import LOOP_WHILE, block_d, gathered_block, online_softmax_update
+from radixlm.attention.triton_kernels.common import (
+    LOOP_WHILE,
+    block_d,
+    gather_kv_block,
+    gathered_block,
+    online_softmax_update,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -33,13 +39,8 @@ LOG2E = 1.4426950408889634
 def _windowed_prefix_block(start_n, end_n, q, q_pos, window, m_i, l_i, acc, slot_row, k_head, v_head,
                            stride_kbs, stride_vbs, offs_nb, offs_d, mask_d, sm_scale_log2, IEEE: tl.constexpr):
     """`gathered_block` with the sliding-window mask: key j is seen by the query at q_pos iff j > q_pos - window."""
-    offs_n = start_n + offs_nb
-    mask_n = offs_n < end_n
-    slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-    k = tl.load(k_head + slots[None, :] * stride_kbs + offs_d[:, None], mask=mask_d[:, None] & mask_n[None, :],
-                other=0.0)
-    v = tl.load(v_head + slots[:, None] * stride_vbs + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0)
+    offs_n, mask_n, k, v = gather_kv_block(start_n, end_n, slot_row, k_head, v_head, stride_kbs, stride_vbs,
+                                           offs_nb, offs_d, mask_d)
     keep = mask_n[None, :] & (offs_n[None, :] > q_pos[:, None] - window)
     return online_softmax_update(q, k, v, keep, m_i, l_i, acc, sm_scale_log2, IEEE)
 
