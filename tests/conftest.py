@@ -67,6 +67,21 @@ class HFReference:
         return self._cache[key]
 
 
+def greedy_run(eng, prompts, new: int, **sp):
+    """Greedy generation with output logprobs (ignore_eos: every prompt gets `new` tokens)."""
+    params = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True, **sp}
+    return eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+
+
+def assert_matches_hf(outs, prompts, ref: "HFReference", new: int, tol: float = 1e-4) -> None:
+    """Each output's tokens equal HF's greedy continuation, its logprobs within `tol`."""
+    for prompt, out in zip(prompts, outs):
+        want, want_lp = ref.greedy(prompt, new)
+        assert out["output_ids"] == want, f"prompt of {len(prompt)} tokens diverged"
+        got_lp = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < tol
+
+
 @pytest.fixture(scope="session")
 def hf_reference_factory():
     cache: Dict[str, HFReference] = {}

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
+
+from tests.server_utils import LaunchedProcess, free_port
 
 STUB_MODEL = "stub-model"
 LOAD_TOKENS = 7  # what /get_load reports, so a router's /get_loads shows whether it parsed it
@@ -114,53 +112,25 @@ class RecordingStub:
 
 
 # ------------------------------------------------------------------------------ the real router
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RouterProcess:
+class RouterProcess(LaunchedProcess):
     """The real `sglang_router.launch_router` on 127.0.0.1 in its own process group."""
+
+    name = "router"
+    stop_timeout = 10.0
 
     def __init__(self, worker_urls: List[str], policy: str = "cache_aware", extra: Optional[List[str]] = None,
                  timeout: float = 60.0):
-        import requests
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(self.port),
-               "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host", "127.0.0.1",
-               "--prometheus-port", str(free_port()), "--log-level", "warn", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited early:\n{self.proc.stdout.read()}")
-            try:
-                if requests.get(self.url + "/readiness", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("router did not become ready in time")
+        super().__init__([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
+                          str(self.port), "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host",
+                          "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn",
+                          *(extra or [])], timeout)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def ready(self) -> bool:
+        import requests
 
-    def __enter__(self) -> "RouterProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return requests.get(self.url + "/readiness", timeout=2).status_code == 200
 
 
 # ------------------------------------------------------------------------------ recording

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import radixlm
-from tests.conftest import ARCHS, random_prompts
+from tests.conftest import ARCHS, assert_matches_hf, greedy_run, random_prompts
 
 LENGTHS = [1, 2, 7, 33, 64, 129, 200, 300]
 NEW = 12
@@ -15,19 +15,6 @@ NEW = 12
 
 def engine(path, **kw):
     return radixlm.Engine(model_path=path, log_level="warning", **kw)
-
-
-def run(eng, prompts, new=NEW, **sp):
-    params = {"temperature": 0, "max_new_tokens": new, "ignore_eos": True, **sp}
-    return eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
-
-
-def assert_matches_hf(outs, prompts, ref, new=NEW):
-    for prompt, out in zip(prompts, outs):
-        want, want_lp = ref.greedy(prompt, new)
-        assert out["output_ids"] == want, f"prompt of {len(prompt)} tokens diverged"
-        got_lp = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -48,8 +35,8 @@ def arch_setup(request, model_factory, hf_reference_factory):
 def test_greedy_matches_hf(arch_setup, kw):
     path, ref, prompts = arch_setup
     with engine(path, **kw) as eng:
-        outs = run(eng, prompts)
-        assert_matches_hf(outs, prompts, ref)
+        outs = greedy_run(eng, prompts, NEW)
+        assert_matches_hf(outs, prompts, ref, NEW)
         eng.check_integrity()
         if kw.get("enable_mixed_chunk"):
             assert eng.scheduler.stats.num_mixed_batches > 0
@@ -58,11 +45,11 @@ def test_greedy_matches_hf(arch_setup, kw):
 def test_second_round_hits_cache(arch_setup):
     path, ref, prompts = arch_setup
     with engine(path, chunked_prefill_size=64) as eng:
-        first = run(eng, prompts)
-        assert_matches_hf(first, prompts, ref)
+        first = greedy_run(eng, prompts, NEW)
+        assert_matches_hf(first, prompts, ref, NEW)
         second = [p + o["output_ids"] + p[:5] for p, o in zip(prompts, first)]
-        outs = run(eng, second)
-        assert_matches_hf(outs, second, ref)
+        outs = greedy_run(eng, second, NEW)
+        assert_matches_hf(outs, second, ref, NEW)
         for p, o in zip(prompts, outs):
             # the tree holds prompt + all but the last output token of round one
             assert o["meta_info"]["cached_tokens"] >= len(p) + NEW - 1
@@ -76,9 +63,9 @@ def test_retraction_keeps_greedy_output(arch_setup):
     prompts = random_prompts(11, [30, 41, 52, 63, 35, 47, 58, 33], ref.model.config.vocab_size)
     new = 40
     with engine(path, max_total_tokens=300, schedule_conservativeness=0.01) as eng:
-        outs = run(eng, prompts, new=new)
+        outs = greedy_run(eng, prompts, new)
         assert eng.get_server_info()["num_retractions"] > 0
-        assert_matches_hf(outs, prompts, ref, new=new)
+        assert_matches_hf(outs, prompts, ref, new)
         assert any(o["meta_info"].get("num_retractions") for o in outs)
         eng.check_integrity()
         info = eng.get_server_info()
@@ -94,7 +81,7 @@ def test_variants_match_hf(model_factory, hf_reference_factory, overrides):
     ref = hf_reference_factory(path)
     prompts = random_prompts(3, [5, 50, 120], ref.model.config.vocab_size)
     with engine(path) as eng:
-        assert_matches_hf(run(eng, prompts), prompts, ref)
+        assert_matches_hf(greedy_run(eng, prompts, NEW), prompts, ref, NEW)
 
 
 def test_hf_generate_with_eos(model_factory, hf_reference_factory):
@@ -122,7 +109,7 @@ def test_failing_batch_frees_its_memory_and_others_continue(model_factory, monke
     path = model_factory("llama")
     with engine(path) as eng:
         prompts = random_prompts(4, [20, 30], 515)
-        want = run(eng, prompts, new=6)
+        want = greedy_run(eng, prompts, 6)
         real = eng.scheduler.runner.forward_and_sample
         calls = {"n": 0}
 
@@ -137,6 +124,6 @@ def test_failing_batch_frees_its_memory_and_others_continue(model_factory, monke
         assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
         assert "simulated device error" in outs[0]["meta_info"]["finish_reason"]["message"]
         eng.check_integrity()
-        again = run(eng, prompts, new=6)
+        again = greedy_run(eng, prompts, 6)
         assert [o["output_ids"] for o in again] == [o["output_ids"] for o in want]
         eng.check_integrity()

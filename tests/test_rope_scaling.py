@@ -8,7 +8,7 @@ import torch
 
 import radixlm
 from radixlm.layers.rotary_embedding import RotaryEmbedding, compute_inv_freq_and_scale
-from tests.conftest import random_prompts
+from tests.conftest import assert_matches_hf, greedy_run, random_prompts
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -62,13 +62,7 @@ def test_yarn_greedy_matches_hf_past_original_context(yarn_model, hf_reference_f
     assert ref.model.config.rope_parameters["rope_type"] == "yarn"
     prompts = random_prompts(5, [10, 70, 150, 200], ref.model.config.vocab_size)  # past position 64
     with radixlm.Engine(model_path=path, log_level="warning", chunked_prefill_size=64) as eng:
-        outs = eng.generate(input_ids=prompts, return_logprob=True,
-                            sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True})
-        for p, o in zip(prompts, outs):
-            want, want_lp = ref.greedy(p, 8)
-            assert o["output_ids"] == want, f"prompt of {len(p)} tokens diverged"
-            got_lp = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
-            assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+        assert_matches_hf(greedy_run(eng, prompts, 8), prompts, ref, 8)
 
 
 def test_one_cos_sin_table_shared_by_all_layers(yarn_model):

@@ -18,18 +18,15 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import requests
 
 from radixlm.entrypoints import dp_launcher
 from radixlm.launch_server import parse_args
-from tests.server_utils import free_port, info_stat, server_info
+from tests.server_utils import ServerProcess, alive, descendants, info_stat, server_info, wait_until
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sglang_router_0.3.2.json"
 RECORDED = json.loads(FIXTURE.read_text())
@@ -144,80 +141,34 @@ def test_dp_port_in_use_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------ live, with the real router
-class DPServer:
-    """`python -m radixlm.launch_server --dp-size N` as a user runs it, in its own process group."""
+class DPServer(ServerProcess):
+    """`python -m radixlm.launch_server --dp-size N` as a user runs it, in its own process group; ready
+    when the router is and sees all N replicas."""
+
+    name = "dp launch"
+    stop_timeout = 40.0
 
     def __init__(self, model_path: str, dp: int = 2, policy: str = "cache_aware", timeout: float = 120.0):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "radixlm.launch_server", "--model-path", model_path, "--dp-size", str(dp),
-               "--router-policy", policy, "--port", str(self.port), "--log-level", "warning",
-               "--router-args", "--health-check-interval-secs 1 --health-failure-threshold 1"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dp launch exited early:\n{self.output()}")
-            try:
-                if requests.get(self.base_url + "/readiness", timeout=2).status_code == 200 and \
-                        len(self.workers()) == dp:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"dp launch not ready in {timeout:.0f} s:\n{self.output()}")
+        self.dp = dp
+        super().__init__(model_path, ["--dp-size", str(dp), "--router-policy", policy, "--router-args",
+                                      "--health-check-interval-secs 1 --health-failure-threshold 1"], timeout)
 
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-6000:]
+    def ready(self) -> bool:
+        return requests.get(self.base_url + "/readiness", timeout=2).status_code == 200 and \
+            len(self.workers()) == self.dp
 
     def workers(self) -> List[str]:
         return sorted(w["url"] for w in requests.get(self.base_url + "/workers", timeout=10).json()["workers"])
 
     def children(self) -> List[int]:
         """Every process below the launcher (replicas, their scheduler and detokenizer, the router)."""
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                kids = [int(k) for k in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-            except OSError:
-                kids = []
-            out += kids
-            todo += kids
-        return out
-
-    def stop(self, sig: int = signal.SIGTERM) -> Optional[int]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def _alive(pids: List[int]) -> List[int]:
-    alive = []
-    for p in pids:
-        try:
-            stat = pathlib.Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            alive.append(p)
-    return alive
+        return descendants(self.proc.pid)
 
 
 def _wait_gone(pids: List[int], timeout: float = 30.0) -> List[int]:
-    deadline = time.monotonic() + timeout
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _alive(pids)
+    """The pids still running after waiting up to `timeout` for them to go."""
+    wait_until(lambda: not any(alive(p) for p in pids), timeout, step=0.2)
+    return [p for p in pids if alive(p)]
 
 
 WORDS = ["alpha", "river", "stone", "cloud", "maple", "orbit", "ember", "prism", "delta", "lumen", "quartz",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 
 import pytest
 
@@ -51,37 +50,15 @@ def test_chunked_prompt_does_not_starve_a_running_stream(cfg):
 
 
 def test_starvation_scenario_on_a_real_model(path):
-    """The same on the tiny llama through the Engine: steps counted by wrapping the runner."""
+    """The same on the tiny llama through the Engine (radixlm/bench/chunk_starvation.py counts the steps)."""
     import radixlm
+    from radixlm.bench.chunk_starvation import engine_kwargs, run_scenario
 
-    with radixlm.Engine(model_path=path, log_level="warning", max_total_tokens=800, chunked_prefill_size=64,
-                        disable_overlap_schedule=True) as eng:
-        runner = eng.scheduler.runner
-        calls = []
-        real = runner.forward_and_sample
-
-        def spy(batch, **kw):
-            calls.append([(r.rid, e) for r, e in zip(batch.reqs, batch.extend_lens)])
-            return real(batch, **kw)
-
-        runner.forward_and_sample = spy
-        rng = random.Random(0)
-        stream = eng.generate(input_ids=[rng.randrange(3, VOCAB) for _ in range(400)], rid="stream",
-                              sampling_params={"max_new_tokens": 100, "temperature": 0, "ignore_eos": True},
-                              stream=True)
-        chunks = [next(stream)]  # the stream is decoding
-        res = []
-        t = threading.Thread(target=lambda: res.append(eng.generate(
-            input_ids=[rng.randrange(3, VOCAB) for _ in range(600)], rid="long",
-            sampling_params={"max_new_tokens": 2, "temperature": 0, "ignore_eos": True})))
-        t.start()
-        chunks += list(stream)
-        t.join(120)
-        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
-        assert res and res[0]["meta_info"]["finish_reason"]["type"] == "length"
-        prefill_steps = [e for c in calls for rid, e in c if rid == "long" and e > 1]
-        one_token = [e for c in calls for rid, e in c if rid == "long" and e == 1]
-        assert len(prefill_steps) <= math.ceil(600 / 64) + 3 and len(one_token) <= 2
+    with radixlm.Engine(model_path=path, **engine_kwargs()) as eng:
+        s = run_scenario(eng)
+        assert s.finish == ("length", "length")
+        one_token = [e for e in s.long_steps if e == 1]
+        assert len(s.chunks) <= math.ceil(600 / 64) + 3 and len(one_token) <= 2
         eng.check_integrity()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import radixlm
 from radixlm.models.model_config import ModelConfig
-from tests.conftest import random_prompts
+from tests.conftest import assert_matches_hf, greedy_run, random_prompts
 
 WINDOW = 16
 SETUPS = {
@@ -24,19 +24,6 @@ def sw_setup(request, model_factory, hf_reference_factory):
     ref = hf_reference_factory(path)
     prompts = random_prompts(9, [5, 15, 16, 17, 40, 90], ref.model.config.vocab_size)
     return request.param, path, ref, prompts
-
-
-def run(eng, prompts, new=NEW):
-    return eng.generate(input_ids=prompts, return_logprob=True,
-                        sampling_params={"temperature": 0, "max_new_tokens": new, "ignore_eos": True})
-
-
-def check(outs, prompts, ref, new=NEW):
-    for p, o in zip(prompts, outs):
-        want, want_lp = ref.greedy(p, new)
-        assert o["output_ids"] == want, f"prompt of {len(p)} tokens diverged"
-        got_lp = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
-        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
 
 
 def test_config_windows_follow_hf(sw_setup):
@@ -58,7 +45,7 @@ def test_qwen2_window_off_without_use_sliding_window(model_factory):
 def test_greedy_matches_hf_past_window(sw_setup, kw):
     _, path, ref, prompts = sw_setup
     with radixlm.Engine(model_path=path, log_level="warning", **kw) as eng:
-        check(run(eng, prompts), prompts, ref)
+        assert_matches_hf(greedy_run(eng, prompts, NEW), prompts, ref, NEW)
         eng.check_integrity()
 
 
@@ -66,10 +53,10 @@ def test_cache_hit_across_window_boundary(sw_setup):
     """Round two extends round one's prompt + output (all cached, far longer than the window)."""
     _, path, ref, prompts = sw_setup
     with radixlm.Engine(model_path=path, log_level="warning") as eng:
-        first = run(eng, prompts)
+        first = greedy_run(eng, prompts, NEW)
         second = [p + o["output_ids"] + p[:3] for p, o in zip(prompts, first)]
-        outs = run(eng, second)
-        check(outs, second, ref)
+        outs = greedy_run(eng, second, NEW)
+        assert_matches_hf(outs, second, ref, NEW)
         long_hits = [o["meta_info"]["cached_tokens"] for p, o in zip(prompts, outs) if len(p) > WINDOW]
         assert long_hits and all(c > WINDOW for c in long_hits)
         eng.check_integrity()
