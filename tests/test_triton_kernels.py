@@ -87,6 +87,22 @@ def assert_same(case, triton_backend, atol=1e-4, rtol=1e-4):
 
 # ------------------------------------------------------------------------------------- KV store
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+
+def i32(x):
+    return torch.tensor(x, dtype=torch.int32, device=DEVICE)
+
+
+def stored_extend(case: "Case", k, v):
+    """Writes the new tokens' K/V to the pool; returns (k buffer, v buffer, batch args, tile rows and
+    tile starts of 8-row extend tiles) for a direct extend kernel call."""
+    from radixlm.attention.triton_kernels import store_kv
+    from radixlm.attention.triton_kernels.extend_attention import extend_tiles
+
+    kb, vb = case.pool.k_buffer[0], case.pool.v_buffer[0]
+    store_kv(k, v, case.fb_args["out_cache_loc"], kb, vb)
+    return (kb, vb, case.fb_args, *extend_tiles(case.extend_lens, 8))
+
+
 def test_store_kv_matches_indexing(pool_dtype):
     from radixlm.attention.triton_kernels import store_kv
     from radixlm.attention.triton_kernels.reference import ref_store_kv
@@ -127,8 +143,7 @@ def test_extend_default_blocks_single_request():
 
 def test_extend_kernel_matches_reference_function():
     """The kernel on its own (strided q as from a qkv split) against the plain softmax reference."""
-    from radixlm.attention.triton_kernels import extend_attention_fwd, store_kv
-    from radixlm.attention.triton_kernels.extend_attention import extend_tiles
+    from radixlm.attention.triton_kernels import extend_attention_fwd
     from radixlm.attention.triton_kernels.reference import ref_extend_attention
 
     case = Case(4, 2, 16, prefix_lens=[4, 0], extend_lens=[6, 11], seed=7)
@@ -138,13 +153,7 @@ def test_extend_kernel_matches_reference_function():
     q = qkv[:, :hq * d].view(t, hq, d)
     k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
     v = qkv[:, (hq + hk) * d:].view(t, hk, d)
-    kb, vb = case.pool.k_buffer[0], case.pool.v_buffer[0]
-    f = case.fb_args
-    store_kv(k, v, f["out_cache_loc"], kb, vb)
-    tr, tm = extend_tiles(case.extend_lens, 8)
-
-    def i32(x):
-        return torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    kb, vb, f, tr, tm = stored_extend(case, k, v)
 
     o = torch.empty(t, hq, d, device=DEVICE)
     extend_attention_fwd(q, k, v, o, kb, vb, case.r2t.req_to_token, f["req_pool_indices"],
@@ -333,22 +342,15 @@ def test_decode_sliding_window_matches_torch_native(splits):
 
 def test_sliding_window_kernels_match_reference_functions():
     """Both kernels with a window against the plain references (and the window changes the result)."""
-    from radixlm.attention.triton_kernels import decode_attention_fwd, extend_attention_fwd, store_kv
+    from radixlm.attention.triton_kernels import decode_attention_fwd, extend_attention_fwd
     from radixlm.attention.triton_kernels.decode_attention import decode_buffers
-    from radixlm.attention.triton_kernels.extend_attention import extend_tiles
     from radixlm.attention.triton_kernels.reference import ref_decode_attention, ref_extend_attention
 
     hq, hk, d, w = 4, 2, 16, 5
     case = Case(hq, hk, d, prefix_lens=[12, 0], extend_lens=[6, 11], seed=27)
     t = sum(case.extend_lens)
     q, k, v = case.q[0].view(t, hq, d), case.k[0].view(t, hk, d), case.v[0].view(t, hk, d)
-    kb, vb = case.pool.k_buffer[0], case.pool.v_buffer[0]
-    f = case.fb_args
-    store_kv(k, v, f["out_cache_loc"], kb, vb)
-    tr, tm = extend_tiles(case.extend_lens, 8)
-
-    def i32(x):
-        return torch.tensor(x, dtype=torch.int32, device=DEVICE)
+    kb, vb, f, tr, tm = stored_extend(case, k, v)
 
     args = (kb, vb, case.r2t.req_to_token, f["req_pool_indices"], f["extend_prefix_lens"], f["extend_seq_lens"], 0.3)
     o = torch.empty(t, hq, d, device=DEVICE)
