@@ -85,9 +85,6 @@ def assert_same(case, triton_backend, atol=1e-4, rtol=1e-4):
     return out
 
 
-# ------------------------------------------------------------------------------------- KV store
-@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-
 def i32(x):
     return torch.tensor(x, dtype=torch.int32, device=DEVICE)
 
@@ -103,6 +100,8 @@ def stored_extend(case: "Case", k, v):
     return (kb, vb, case.fb_args, *extend_tiles(case.extend_lens, 8))
 
 
+# ------------------------------------------------------------------------------------- KV store
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 def test_store_kv_matches_indexing(pool_dtype):
     from radixlm.attention.triton_kernels import store_kv
     from radixlm.attention.triton_kernels.reference import ref_store_kv
