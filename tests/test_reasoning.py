@@ -17,8 +17,10 @@ from radixlm.entrypoints.openai.reasoning_parser import (
     REASONING_PARSERS,
     ReasoningParser,
     reasoning_format,
+    reasoning_token_count,
     separate_reasoning,
     starts_in_reasoning,
+    thinking_template_kwargs,
 )
 from radixlm.entrypoints.openai.tool_parser import parse_tool_calls
 from tests.server_utils import ServerProcess
@@ -143,6 +145,41 @@ def test_tool_calls_come_from_the_answer_only():
     assert reasoning == f"maybe {call % 'Paris'}"
     content, calls = parse_tool_calls(answer, "hermes", ["get_weather"])
     assert content is None and [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"}]
+
+
+def test_reasoning_effort_template_kwargs():
+    assert thinking_template_kwargs("qwen3", None, None) == {}
+    assert thinking_template_kwargs("qwen3", "none", None) == {"reasoning_effort": "none", "enable_thinking": False}
+    assert thinking_template_kwargs("qwen3", "high", {"x": 1})["enable_thinking"] is True
+    # a kwarg the request sets itself wins
+    assert thinking_template_kwargs("qwen3", "none", {"enable_thinking": True})["enable_thinking"] is True
+    assert thinking_template_kwargs(None, "low", None) == {"reasoning_effort": "low"}
+    assert thinking_template_kwargs("deepseek-r1", "high", None) == {"reasoning_effort": "high"}
+    with pytest.raises(ValueError, match="always reasons"):
+        thinking_template_kwargs("deepseek-r1", "none", None)
+
+
+def test_reasoning_token_count_matches_brute_force():
+    """Tokens are characters here: the count is the length of the shortest prefix that holds the
+    closing tag, both by bisection over decoded prefixes and with the tag as one token."""
+    def decode(ids):
+        return "".join(chr(i) for i in ids)
+
+    for text in TEXTS:
+        ids = [ord(c) for c in text]
+        for name, forced in CASES:
+            end = reasoning_format(name).end
+            has_block = bool(ids) and (forced or text.lstrip().startswith(reasoning_format(name).start))
+            want = 0
+            if has_block:
+                want = next((k for k in range(1, len(ids) + 1) if end in text[:k]), len(ids))
+            assert reasoning_token_count(ids, decode, name, forced) == want, (text, name, forced)
+            # the same with the closing tag as a single token (id 0 stands for it)
+            k = text.find(end)
+            one = ids if k < 0 else ids[:k] + [0] + ids[k + len(end):]
+            decode1 = lambda ids: "".join(end if i == 0 else chr(i) for i in ids)  # noqa: E731
+            assert reasoning_token_count(one, decode1, name, forced, end_token_id=0) == (
+                0 if not has_block else one.index(0) + 1 if 0 in one else len(one)), (text, name, forced)
 
 
 def test_tiny_model_reasoning_templates(tmp_path):
@@ -350,6 +387,44 @@ def test_tool_calls_from_the_answer_only(scripted):
     assert msg["choices"][0]["message"]["reasoning_content"] is None
 
 
+def test_reasoning_effort_and_reasoning_tokens(srv):
+    plain = "[a-z]{2,5}( [a-z]{2,5}){1,3}" + rx(".")
+    off = chat(srv, regex=plain, chat_template_kwargs={"enable_thinking": False})
+    none = chat(srv, regex=plain, reasoning_effort="none")
+    assert none["usage"]["prompt_tokens"] == off["usage"]["prompt_tokens"]  # the template closed the block
+    assert none["choices"][0]["message"]["reasoning_content"] is None
+    assert none["usage"]["reasoning_tokens"] == 0
+    high = chat(srv, regex=plain, reasoning_effort="high")
+    assert high["usage"]["prompt_tokens"] == chat(srv, regex=plain)["usage"]["prompt_tokens"]
+    r = requests.post(srv.base_url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "extreme"}, timeout=60)
+    assert r.status_code == 400 and "reasoning_effort" in r.text
+    # reasoning_tokens: the output tokens up to the closing tag, the same streamed and not
+    out = chat(srv, regex=THOUGHT)
+    u = out["usage"]
+    assert 0 < u["reasoning_tokens"] < u["completion_tokens"]
+    assert chat(srv, regex=THOUGHT, separate_reasoning=False)["usage"]["reasoning_tokens"] == 0
+    body = {"model": "default", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 80,
+            "temperature": 0, "stream": True, "regex": THOUGHT, "stream_options": {"include_usage": True}}
+    with requests.post(srv.base_url + "/v1/chat/completions", json=body, stream=True, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line and line != b"data: [DONE]"]
+    assert events[-1]["usage"]["reasoning_tokens"] == u["reasoning_tokens"]
+
+
+def test_separate_reasoning_route(srv):
+    raw = raw_text(srv, THOUGHT)
+    msg = chat(srv, regex=THOUGHT)["choices"][0]["message"]
+    r = requests.post(srv.base_url + "/separate_reasoning", json={"text": raw}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"text": msg["content"], "reasoning_text": msg["reasoning_content"]}
+    r = requests.post(srv.base_url + "/separate_reasoning", json={"text": raw, "reasoning_parser": "deepseek-r1"},
+                      timeout=30)
+    assert r.json()["text"] == msg["content"]
+    for bad, field in (({"text": raw, "reasoning_parser": "nope"}, "reasoning_parser"), ({"text": 3}, "text")):
+        r = requests.post(srv.base_url + "/separate_reasoning", json=bad, timeout=30)
+        assert r.status_code == 400 and field in r.text
+
+
 def test_assistant_history_with_reasoning_content(srv):
     msgs = [{"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello", "reasoning_content": "greet back"},
@@ -369,3 +444,6 @@ def test_deepseek_r1_server(model_factory):
         deltas = chat_stream(s, regex=body)
         assert "".join(d.get("reasoning_content") or "" for d, _ in deltas) == msg["reasoning_content"]
         assert "".join(d.get("content") or "" for d, _ in deltas) == "ok."
+        r = requests.post(s.base_url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "none"}, timeout=60)
+        assert r.status_code == 400 and "always reasons" in r.text

@@ -1,5 +1,5 @@
 """SGLang's native routes: /generate, the health checks, model and server info, /get_load (what
-sglang-router polls), /flush_cache, /abort_request and /metrics. Each handler finds the
+sglang-router polls), /flush_cache, /abort_request, /separate_reasoning and /metrics. Each handler finds the
 TokenizerManager in `request.app.state.tm`.
 
 A request's path: JSON body -> `tm.build` on a worker thread (tokenizing and grammar checks never
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from radixlm import __version__
 from radixlm.entrypoints.http_responses import error_json, json_body, sse
+from radixlm.entrypoints.openai.reasoning_parser import separate_reasoning, starts_in_reasoning
 from radixlm.managers.tokenizer_manager import ReqState, ServiceUnavailable, TokenizerManager
 
 logger = logging.getLogger("radixlm.entrypoints.http_server")
@@ -147,6 +148,24 @@ async def abort_request(request: Request):
     return Response(status_code=200)
 
 
+async def separate_reasoning_route(request: Request):
+    """SGLang's /separate_reasoning: {text, reasoning_parser} -> {text, reasoning_text}; the parser
+    defaults to the server's --reasoning-parser. The split is the chat route's (reasoning_parser.py),
+    starting inside the block where that parser's model does by default."""
+    body = await json_body(request)
+    text, name = body.get("text"), body.get("reasoning_parser") or _tm(request).args.reasoning_parser
+    if not isinstance(text, str):
+        return error_json("text: a string is required", 400)
+    if name is None:
+        return error_json("reasoning_parser: none given and the server has no --reasoning-parser", 400)
+    try:
+        in_reasoning = starts_in_reasoning(str(name), None)
+    except ValueError as e:
+        return error_json(f"reasoning_parser: {e}", 400)
+    reasoning, answer = await asyncio.to_thread(separate_reasoning, text, str(name), in_reasoning)
+    return {"text": answer, "reasoning_text": reasoning or ""}
+
+
 async def metrics(request: Request):
     tm = _tm(request)
     if not tm.args.enable_metrics:
@@ -194,6 +213,7 @@ ROUTES = [  # (path, handler, methods)
     ("/flush_cache", flush_cache, ["POST"]),  # POST only: a GET (a crawler, a prefetch) must not change state
     ("/abort_request", abort_request, ["POST"]),
     ("/metrics", metrics, ["GET"]),
+    ("/separate_reasoning", separate_reasoning_route, ["POST"]),
 ]
 
 

@@ -238,7 +238,8 @@ ChunkFn = Callable[[int, ReqState, str, int, int, Optional[str]], Union[None, Di
 
 async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk: ChunkFn,
                         head: List[Dict[str, Any]], usage_chunk: Callable[[Dict[str, Any]], Dict[str, Any]],
-                        include_usage: bool, continuous_usage: bool) -> AsyncIterator[bytes]:
+                        include_usage: bool, continuous_usage: bool,
+                        usage_fn: Callable[[List[ReqState]], Dict[str, Any]] = usage) -> AsyncIterator[bytes]:
     """SSE loop. `make_chunk(index, state, text_delta, lp_from, lp_to, finish_reason)` shapes one
     choice's chunk (None: nothing to send; a list: several chunks, in order). Text deltas come from
     the cumulative `state.text`. When the client disconnects the generator is closed and the
@@ -262,10 +263,10 @@ async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk
             made = make_chunk(i, st, delta, lp_from, lp_to, finish_reason(st) if st.finished else None)
             for chunk in (made if isinstance(made, list) else [made] if made is not None else []):
                 if continuous_usage:
-                    chunk["usage"] = usage(states)
+                    chunk["usage"] = usage_fn(states)
                 yield sse(chunk)
         if include_usage:
-            yield sse(usage_chunk(usage(states)))
+            yield sse(usage_chunk(await asyncio.to_thread(usage_fn, states)))
     except ServiceUnavailable as e:
         yield sse(error_event(str(e), 503, "ServiceUnavailableError"))
     finally:

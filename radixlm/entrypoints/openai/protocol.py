@@ -128,3 +128,5 @@ class ChatCompletionRequest(SamplingFields):
     # streamed as it comes (stream_reasoning false: in one delta when the block closes)
     separate_reasoning: bool = True
     stream_reasoning: bool = True
+    # OpenAI's: "none" turns a qwen3-style model's thinking off, other levels on (reasoning_parser.py)
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None

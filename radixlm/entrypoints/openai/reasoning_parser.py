@@ -23,10 +23,10 @@ No web-framework imports: server_args validates `--reasoning-parser` against `RE
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 __all__ = ["REASONING_PARSERS", "ReasoningParser", "reasoning_format", "starts_in_reasoning",
-           "separate_reasoning"]
+           "separate_reasoning", "thinking_template_kwargs", "reasoning_token_count"]
 
 WS = " \t\r\n"
 
@@ -162,3 +162,49 @@ def separate_reasoning(text: str, name: str, in_reasoning: bool) -> Tuple[Option
     r1, a1 = p.feed(text)
     r2, a2 = p.finish()
     return (r1 + r2) or None, a1 + a2
+
+
+def thinking_template_kwargs(name: Optional[str], effort: Optional[str],
+                             chat_template_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The chat template's kwargs with OpenAI's `reasoning_effort` applied: the template sees
+    `reasoning_effort` (templates such as gpt-oss's read it), and for a parser whose thinking can be
+    turned off (qwen3's `enable_thinking`) "none" turns it off and any other level on. A kwarg the
+    request sets itself wins. A parser whose model always reasons (deepseek-r1) refuses "none"
+    (ValueError) rather than ignoring it."""
+    kwargs = dict(chat_template_kwargs or {})
+    if effort is None:
+        return kwargs
+    kwargs.setdefault("reasoning_effort", effort)
+    if name is not None:
+        fmt = reasoning_format(name)
+        if fmt.thinking_kwarg is not None:
+            kwargs.setdefault(fmt.thinking_kwarg, effort != "none")
+        elif effort == "none" and fmt.always_in_reasoning:
+            raise ValueError(f"reasoning_effort 'none': the model always reasons (--reasoning-parser {name})")
+    return kwargs
+
+
+def reasoning_token_count(output_ids: Sequence[int], decode: Callable[[Sequence[int]], str], name: str,
+                          in_reasoning: bool, end_token_id: Optional[int] = None) -> int:
+    """How many of the output tokens belong to the think block (its closing tag included), for
+    usage.reasoning_tokens. With the closing tag a single token (`end_token_id`: Qwen3's and
+    DeepSeek-R1's `</think>`) it is the tag's position; otherwise the shortest prefix whose text
+    holds the tag, found by bisection over decoded prefixes (a prefix that holds it stays holding it)."""
+    ids = list(output_ids)
+    fmt = reasoning_format(name)
+    text = decode(ids)
+    if not ids or not (in_reasoning or text.lstrip(WS).startswith(fmt.start)):
+        return 0  # the output is the answer as it is
+    end = fmt.end
+    if end_token_id is not None:
+        return ids.index(end_token_id) + 1 if end_token_id in ids else len(ids)
+    if end not in text:
+        return len(ids)  # never closed (max_tokens): all of it is reasoning
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if end in decode(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -18,8 +18,9 @@ Reasoning (--reasoning-parser, reasoning_parser.py), unless the request sets sep
 the think block goes to message.reasoning_content (null when there is none) and the answer to
 content; streaming sends delta.reasoning_content chunks, then the answer's deltas. Tool calls are
 parsed from the answer only. chat_template_kwargs reach the template and say whether a qwen3 output
-starts inside the block (enable_thinking). A forced tool call (tool_choice required / named) is not
-split: its grammar makes the whole output calls.
+starts inside the block (enable_thinking); OpenAI's reasoning_effort sets it ("none": off) unless the
+request sets it itself. usage.reasoning_tokens counts the think blocks' tokens. A forced tool call
+(tool_choice required / named) is not split: its grammar makes the whole output calls.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from radixlm.entrypoints.openai import common
 from radixlm.entrypoints.openai.common import BadRequest
 from radixlm.entrypoints.openai.logprobs import chat_logprobs
 from radixlm.entrypoints.openai.protocol import ChatCompletionRequest
-from radixlm.entrypoints.openai.reasoning_parser import ReasoningParser, separate_reasoning, starts_in_reasoning
+from radixlm.entrypoints.openai.reasoning_parser import (
+    ReasoningParser,
+    reasoning_format,
+    reasoning_token_count,
+    separate_reasoning,
+    starts_in_reasoning,
+    thinking_template_kwargs,
+)
 from radixlm.entrypoints.openai.tool_parser import ToolCallParser, parse_tool_calls, tool_call_deltas
 from radixlm.entrypoints.openai.tools import ToolSetup, prepare_tools
 from radixlm.managers.tokenizer_manager import ReqState, TokenizerManager
@@ -89,7 +97,7 @@ def render_prompt(tm: TokenizerManager, req: ChatCompletionRequest) -> List[int]
     tok = tm.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise BadRequest("chat completions need a tokenizer with a chat template; use /v1/completions")
-    kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    kwargs = {k: v for k, v in _template_kwargs(tm, req).items() if k not in _RESERVED_TEMPLATE_KWARGS}
     if req.tools:  # the model sees the tools whatever tool_choice says (as SGLang and vLLM do)
         kwargs["tools"] = req.tools
     try:
@@ -120,13 +128,36 @@ def _build(tm: TokenizerManager, req: ChatCompletionRequest) -> Tuple[list, Opti
     return msgs, setup
 
 
+def _template_kwargs(tm: TokenizerManager, req: ChatCompletionRequest) -> Dict[str, Any]:
+    """chat_template_kwargs with reasoning_effort applied (reasoning_parser.thinking_template_kwargs)."""
+    try:
+        return thinking_template_kwargs(getattr(tm.args, "reasoning_parser", None), req.reasoning_effort,
+                                        req.chat_template_kwargs)
+    except ValueError as e:
+        raise BadRequest(str(e), "reasoning_effort") from None
+
+
 def _reasoning(tm: TokenizerManager, req: ChatCompletionRequest,
                setup: Optional[ToolSetup]) -> Optional[Tuple[str, bool]]:
     """(parser name, whether the output starts inside the think block), or None: no split."""
     name = getattr(tm.args, "reasoning_parser", None)
     if name is None or not req.separate_reasoning or (setup is not None and setup.ebnf is not None):
         return None
-    return name, starts_in_reasoning(name, req.chat_template_kwargs)
+    return name, starts_in_reasoning(name, _template_kwargs(tm, req))
+
+
+def _usage(tm: TokenizerManager, states: List[ReqState], reasoning: Optional[Tuple[str, bool]]) -> Dict[str, Any]:
+    """OpenAI usage plus SGLang's `reasoning_tokens`: the output tokens of the think blocks (0 when
+    the output is not split)."""
+    out = common.usage(states)
+    n = 0
+    if reasoning is not None and tm.tokenizer is not None:
+        end_ids = tm.tokenizer.encode(reasoning_format(reasoning[0]).end, add_special_tokens=False)
+        end_id = end_ids[0] if len(end_ids) == 1 else None
+        n = sum(reasoning_token_count(st.output_ids, tm.tokenizer.decode, *reasoning, end_token_id=end_id)
+                for st in states)
+    out["reasoning_tokens"] = n
+    return out
 
 
 def _finish(st: ReqState, has_calls: bool) -> Optional[str]:
@@ -160,8 +191,9 @@ async def create_chat_completion(request: Request, tm: TokenizerManager, req: Ch
         choices.append({"index": i, "message": message, "logprobs": lp,
                         "finish_reason": _finish(st, "tool_calls" in message),
                         "matched_stop": common.matched_stop(st)})
+    usage = await asyncio.to_thread(_usage, tm, states, reasoning)  # decodes: off the event loop
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices, "usage": common.usage(states)})
+                         "choices": choices, "usage": usage})
 
 
 def _stream(tm: TokenizerManager, req: ChatCompletionRequest, setup: Optional[ToolSetup], states: List[ReqState],
@@ -211,4 +243,5 @@ def _stream(tm: TokenizerManager, req: ChatCompletionRequest, setup: Optional[To
                     "finish_reason": None}]) for i in range(len(states))]
     opts = req.stream_options
     return common.stream_states(tm, states, make_chunk, head, lambda u: {**chunk([]), "usage": u},
-                                bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+                                bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats),
+                                usage_fn=lambda sts: _usage(tm, sts, reasoning))
