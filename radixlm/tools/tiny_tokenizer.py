@@ -103,12 +103,17 @@ def _read_corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer_json(vocab_size: int) -> str:
-    """Train (once per process) the byte-level BPE and return its JSON text.
+    """Train (once per process) the byte-level BPE on ``corpus.txt`` and return its JSON text.
 
     Deterministic: same corpus + same ``vocab_size`` -> identical tokenizer.
     Ids 0, 1, 2 are ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``;
     then the 256 byte symbols, then merges.
     """
+    return train_bpe(_read_corpus(), vocab_size)
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> str:
+    """A byte-level BPE with the special tokens above at ids 0-2, trained on ``texts``; its JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -121,7 +126,7 @@ def get_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_read_corpus(), trainer)
+    tok.train_from_iterator(texts, trainer)
     n = tok.get_vocab_size()
     if n != vocab_size:
         raise RuntimeError(f"corpus too small: trained {n} tokens, wanted {vocab_size}")

@@ -1,0 +1,248 @@
+"""Trains the demo model pair on CPU: a Llama-architecture target and a much smaller draft with the
+same tokenizer (the pair speculative decoding needs: a random draft never agrees with its target).
+
+Owns: the training corpus (the Python standard library's own source, present wherever Python is:
+`.py` files under `sysconfig`'s stdlib path, tests and vendored packages left out, sorted, cut at
+`--corpus-bytes`), the byte-level BPE trained on it (tiny_tokenizer.train_bpe: ids 0-2 are the
+special tokens, ChatML template), the two model shapes (PAIR), and the training loop (AdamW, warm-up
+then cosine decay, gradient clipping, next-token loss on random windows of the token stream).
+
+Output: `<out>/target` and `<out>/draft`, HF checkpoints (safetensors, config.json,
+generation_config.json, tokenizer files) that HF transformers and radixlm load, each with
+`train_log.json` (the loss curve, the held-out loss, seconds, parameters, seed, corpus size).
+
+Deterministic for a seed, a Python version (the corpus is its stdlib) and a torch thread count: the
+same command writes the same weights. The step counts are fixed; `--time-budget` is a guard that
+stops training early (logged as `stopped_early`, which gives up that determinism) so the tool always
+fits the machine.
+
+    python -m radixlm.tools.train_demo --out models/demo-pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+from radixlm.tools.tiny_tokenizer import EOS_TOKEN_ID, IM_END_ID, special_tokens_map, tokenizer_config, train_bpe
+
+SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "ensurepip",
+             "turtledemo", "tkinter", "pydoc_data"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    steps: int  # optimizer steps
+    lr: float
+
+
+# The target has tens of millions of parameters, the draft a few: both train within ~10 minutes on
+# 2 CPU cores at the default step counts.
+PAIR: Dict[str, Shape] = {
+    "target": Shape(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                    intermediate_size=1024, steps=400, lr=2e-3),
+    "draft": Shape(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=384, steps=600, lr=3e-3),
+}
+VOCAB_SIZE = 4096
+CONTEXT_LEN = 2048
+
+
+def stdlib_corpus(max_bytes: int) -> List[str]:
+    """The stdlib's `.py` files in sorted order, up to `max_bytes` of text in all."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        files += [pathlib.Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    texts, total = [], 0
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if total + len(text) > max_bytes:
+            break
+        texts.append(text)
+        total += len(text)
+    if not texts:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return texts
+
+
+def hf_config(shape: Shape, vocab_size: int) -> Dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": shape.hidden_size, "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_key_value_heads,
+        "intermediate_size": shape.intermediate_size, "vocab_size": vocab_size,
+        "max_position_embeddings": CONTEXT_LEN, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": EOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": EOS_TOKEN_ID,
+        "torch_dtype": "float32",
+    }
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_model(name: str, shape: Shape, tokens, val_tokens, seed: int, batch: int, seq_len: int,
+                deadline: float, progress: bool, log_every: int = 10) -> tuple:
+    """Trains one model; returns (the HF model, its log dict)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**hf_config(shape, VOCAB_SIZE)))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=shape.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = tokens.numel() - seq_len - 1
+    curve, t0, stopped_early = [], time.monotonic(), False
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=shape.steps, desc=f"train {name}", unit="step")
+    step = 0
+    for step in range(shape.steps):
+        if time.monotonic() > deadline:
+            stopped_early = True
+            break
+        starts = torch.randint(0, n, (batch,), generator=gen)
+        x = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, shape.steps, shape.lr, warmup=max(1, shape.steps // 20))
+        loss = _loss(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == shape.steps - 1:
+            curve.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.monotonic() - t0, 1)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    log = {"name": name, "shape": asdict(shape), "seed": seed, "batch": batch, "seq_len": seq_len,
+           "steps_done": step + (0 if stopped_early else 1), "stopped_early": stopped_early,
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "seconds": round(time.monotonic() - t0, 1), "loss_curve": curve,
+           "val_loss": round(_val_loss(model, val_tokens, seq_len), 4), "torch_threads": torch.get_num_threads()}
+    return model, log
+
+
+def _loss(model, x):
+    """Next-token cross entropy over a batch of windows [B, L+1]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+
+def _val_loss(model, val_tokens, seq_len: int, windows: int = 16) -> float:
+    import torch
+
+    n = min(windows, (val_tokens.numel() - 1) // (seq_len + 1))
+    if n == 0:
+        return float("nan")
+    x = val_tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+    with torch.no_grad():
+        return _loss(model, x).item()
+
+
+def write_tokenizer(out: pathlib.Path, tok_json: str) -> None:
+    (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(CONTEXT_LEN), indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special_tokens_map(), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": EOS_TOKEN_ID, "eos_token_id": [EOS_TOKEN_ID, IM_END_ID], "pad_token_id": EOS_TOKEN_ID},
+        indent=2) + "\n")
+
+
+def train_pair(out_dir, seed: int = 0, corpus_bytes: int = 6_000_000, time_budget: float = 600.0,
+               batch: int = 16, seq_len: int = 128, pair: Optional[Dict[str, Shape]] = None,
+               progress: bool = True) -> Dict[str, Dict]:
+    """Trains and writes the pair; returns each model's log."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    pair = pair or PAIR
+    t0 = time.monotonic()
+    texts = stdlib_corpus(corpus_bytes)
+    tok_json = train_bpe(texts, VOCAB_SIZE)
+    tok = Tokenizer.from_str(tok_json)
+    ids: List[int] = []
+    for enc in tok.encode_batch(texts):
+        ids += enc.ids + [EOS_TOKEN_ID]
+    tokens = torch.tensor(ids, dtype=torch.long)
+    n_val = max(len(ids) // 50, (seq_len + 1) * 4)
+    train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
+    total_steps = sum(s.steps for s in pair.values())
+    logs = {}
+    for name, shape in pair.items():
+        # each model gets the budget's share its steps are of all steps (plus what an earlier one left)
+        left = time_budget - (time.monotonic() - t0)
+        share = left * shape.steps / max(1, sum(s.steps for k, s in pair.items() if k not in logs))
+        model, log = train_model(name, shape, train_tokens, val_tokens, seed, batch, seq_len,
+                                 time.monotonic() + share, progress)
+        log.update({"corpus_bytes": sum(len(t) for t in texts), "corpus_files": len(texts),
+                    "corpus_tokens": len(ids), "python": sys.version.split()[0], "total_steps": total_steps})
+        out = pathlib.Path(out_dir, name)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = hf_config(shape, VOCAB_SIZE)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        write_tokenizer(out, tok_json)
+        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        logs[name] = log
+    return logs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="models/demo-pair", help="output directory (target/ and draft/ inside)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=600.0, help="seconds for both models (a guard)")
+    ap.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--target-steps", type=int, default=PAIR["target"].steps)
+    ap.add_argument("--draft-steps", type=int, default=PAIR["draft"].steps)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from dataclasses import replace
+
+    pair = {"target": replace(PAIR["target"], steps=a.target_steps),
+            "draft": replace(PAIR["draft"], steps=a.draft_steps)}
+    logs = train_pair(a.out, a.seed, a.corpus_bytes, a.time_budget, a.batch, a.seq_len, pair, not a.no_progress)
+    for name, log in logs.items():
+        first, last = log["loss_curve"][0]["loss"], log["loss_curve"][-1]["loss"]
+        print(f"{name}: {log['parameters'] / 1e6:.1f}M parameters, {log['steps_done']} steps in {log['seconds']} s, "
+              f"loss {first} -> {last}, held-out loss {log['val_loss']}"
+              + (" (stopped early by --time-budget)" if log["stopped_early"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
