@@ -211,6 +211,30 @@ def _app(model_path, **overrides):
     return tm, create_app(tm)
 
 
+def test_load_shedding_is_503_with_retry_after(model_path):
+    """Over --max-running-requests + --max-queued-requests in flight, a new request is shed with a 503
+    that says when to come back (a router backs off instead of retrying at once); a dead runtime's
+    503 carries no Retry-After (it is not transient)."""
+    from starlette.testclient import TestClient
+
+    tm, app = _app(model_path, max_running_requests=1, max_queued_requests=1)
+    try:
+        client = TestClient(app)  # no lifespan: the in-flight requests are placeholders
+        tm.states.update({f"held-{i}": object() for i in range(2)})
+        body = {"input_ids": ids_for(1, 4), "sampling_params": GREEDY}
+        for path, b in (("/generate", body), ("/v1/completions", {"prompt": "hi", "max_tokens": 2})):
+            r = client.post(path, json=b)
+            assert_error(r, 503, "overloaded", "--max-queued-requests")
+            assert r.headers["Retry-After"] == "1"
+        tm.states.clear()
+        tm.dead_reason = "scheduler exited"
+        r = client.post("/generate", json=body)
+        assert r.status_code == 503 and "Retry-After" not in r.headers
+    finally:
+        tm.states.clear()
+        tm.shutdown()
+
+
 def test_cors_is_off_by_default(model_path):
     from starlette.testclient import TestClient
 

@@ -107,7 +107,10 @@ async def _value_error(_req: Request, exc: ValueError):
 
 
 async def _unavailable(_req: Request, exc: ServiceUnavailable):
-    return error_json(str(exc), 503, "ServiceUnavailableError")
+    resp = error_json(str(exc), 503, "ServiceUnavailableError")
+    if exc.retry_after is not None:  # load shedding: transient, say when to come back
+        resp.headers["Retry-After"] = str(exc.retry_after)
+    return resp
 
 
 async def _http_error(_req: Request, exc: StarletteHTTPException):

@@ -52,7 +52,16 @@ EXIT_DELAY_S = 1.0  # after a fatal runtime failure: time to answer the pending 
 
 
 class ServiceUnavailable(RuntimeError):
-    """The runtime cannot take requests (scheduler gone, shutting down, queue full): HTTP 503."""
+    """The runtime cannot take requests (scheduler gone, shutting down, queue full): HTTP 503.
+    `retry_after` (seconds) is set when the condition is transient (load shedding): the HTTP layer
+    sends it as Retry-After, so a client or router backs off instead of hammering."""
+
+    def __init__(self, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+SHED_RETRY_AFTER_S = 1  # Retry-After of a load-shedding 503: the queue drains within a few decode steps
 
 
 class TokenizerManager:
@@ -319,7 +328,8 @@ class TokenizerManager:
             cap = self.args.resolved_max_running_requests + limit
             if len(self.states) + len(msgs) > cap:
                 raise ServiceUnavailable(f"The server is overloaded: more than {cap} requests in flight "
-                                         f"(--max-queued-requests {limit}). Retry later.")
+                                         f"(--max-queued-requests {limit}). Retry later.",
+                                         retry_after=SHED_RETRY_AFTER_S)
         for m in msgs:
             if m.rid in self.states:
                 raise ValueError(f"rid: a request with id {m.rid!r} is already running")
