@@ -5,7 +5,7 @@ the reference.
 * Runners: torch_grouped and the Triton kernel (CPU: Triton's interpreter) equal the plain
   per-expert loop on random inputs (empty experts, one token, top-1 .. top-4, bf16).
 * Tensor-parallel layout: each rank's shard (w13 rows, w2 columns) gives a partial sum; the sum over
-  ranks equals the unsharded experts.
+  ranks equals the unsharded experts; a real TP=2 engine (2 gloo ranks) gives HF's tokens.
 * Greedy tokens equal HF's on the tiny generated checkpoints, with every runner; a Qwen3-MoE with
   dense layers (mlp_only_layers, decoder_sparse_step) and no renormalisation; the fused tensor
   layout of transformers 5 (gate_up_proj / down_proj) loads too; a missing expert is an error.
@@ -193,6 +193,18 @@ def test_missing_expert_is_an_error(model_factory, tmp_path):
     with pytest.raises(ValueError, match="expert 5's w3"):
         radixlm.Engine(model_path=str(tmp_path), log_level="warning")
     assert json.loads((tmp_path / "config.json").read_text())["num_experts"] == 8
+
+
+def test_tensor_parallel_2_matches_hf(model_factory, hf_reference_factory):
+    """TP=2 on CPU (gloo, 127.0.0.1): each rank loads half of every expert's intermediate size."""
+    path = model_factory("qwen3_moe")
+    ref = hf_reference_factory(path)
+    prompts = random_prompts(3, LENGTHS[:3], 512)
+    with radixlm.Engine(model_path=path, log_level="warning", tp_size=2, max_total_tokens=2048) as eng:
+        assert_matches_hf(greedy_run(eng, prompts, NEW), prompts, ref, NEW, tol=1e-3)
+        procs = list(eng._tp_procs)
+    for p in procs:
+        assert not p.is_alive() and p.exitcode == 0
 
 
 # ------------------------------------------------------------------------------------ server
