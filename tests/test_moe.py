@@ -27,7 +27,7 @@ from radixlm.layers.moe import moe_grouped, moe_reference, select_experts
 from radixlm.layers.moe.layer import FusedMoE
 from tests.conftest import assert_matches_hf, greedy_run, random_prompts
 from tests.sched_harness import assert_idle_and_clean
-from tests.triton_env import DEVICE  # noqa: F401  (sets TRITON_INTERPRET before triton is imported)
+from tests.triton_env import DEVICE, gpu  # (sets TRITON_INTERPRET before triton is imported)
 
 NEW = 8
 LENGTHS = [1, 5, 33, 70]
@@ -89,6 +89,19 @@ def test_runners_match_reference(t, h, inter, e, k, dtype, skew):
     dev = DEVICE
     tri = fused_moe_triton(x.to(dev), w13.to(dev), w2.to(dev), weights.to(dev), ids.to(dev))
     torch.testing.assert_close(tri.float().cpu(), ref.float(), atol=tol, rtol=tol)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 7, 300])
+def test_triton_runner_on_gpu_bf16(t):
+    """Real shapes on CUDA (Qwen3-30B-A3B-like: 128 experts, top-8, I=768 on one rank)."""
+    from radixlm.layers.moe.triton_moe import fused_moe_triton
+
+    x, w13, w2, weights, ids = _case(t, 2048, 768, 128, 8, torch.bfloat16)
+    args = [a.cuda() for a in (x, w13, w2, weights, ids)]
+    ref = moe_reference(*args).float()
+    torch.testing.assert_close(fused_moe_triton(*args).float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_align_block_size_groups_pairs_by_expert():
@@ -205,6 +218,15 @@ def test_tensor_parallel_2_matches_hf(model_factory, hf_reference_factory):
         procs = list(eng._tp_procs)
     for p in procs:
         assert not p.is_alive() and p.exitcode == 0
+
+
+def test_bench_runs_every_runner(model_factory):
+    from radixlm.bench.moe import run, table
+
+    res = run(model_factory("mixtral"), [2], input_len=8, output_len=3, repeats=1)
+    assert set(res["decode"]) == {("torch_reference", 2), ("torch_grouped", 2)}
+    assert all(v > 0 for v in res["decode"].values()) and all(v > 0 for v in res["layer"].values())
+    assert "torch_grouped decode tok/s" in table(res, [2])
 
 
 # ------------------------------------------------------------------------------------ server
