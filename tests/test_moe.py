@@ -193,6 +193,11 @@ def test_transformers5_fused_layout_loads(model_factory, hf_reference_factory, t
         assert_matches_hf(greedy_run(eng, prompts, NEW), prompts, ref, NEW)
 
 
+def test_unknown_runner_is_refused(model_factory):
+    with pytest.raises(ValueError, match="moe_runner_backend"):
+        radixlm.Engine(model_path=model_factory("mixtral"), log_level="warning", moe_runner_backend="cutlass")
+
+
 def test_missing_expert_is_an_error(model_factory, tmp_path):
     from safetensors.torch import load_file, save_file
 
