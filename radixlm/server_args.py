@@ -34,6 +34,12 @@ def _attention_backends():
     return available_backends()
 
 
+def _moe_runner_backends():
+    from radixlm.layers.moe.fused_moe import MOE_RUNNER_BACKENDS
+
+    return MOE_RUNNER_BACKENDS
+
+
 def _grammar_backends():
     from radixlm.constrained import GRAMMAR_BACKENDS
 
@@ -118,6 +124,11 @@ class ServerArgs:
     page_size: int = opt(1, "Tokens per KV page.", ge=1)
     attention_backend: str = opt("auto", "auto = triton on CUDA when available, else torch_native.",
                                  choices=_attention_backends)
+    moe_runner_backend: str = opt("auto", "Runner of Mixture-of-Experts layers: triton = fused grouped-GEMM "
+                                          "kernel (CUDA), torch_grouped = tokens sorted by expert, one matmul "
+                                          "per expert, torch_reference = plain loop over experts; auto = triton "
+                                          "on CUDA, else torch_grouped.",
+                                  choices=_moe_runner_backends)
     random_seed: int = opt(0, "Seed for weights (dummy) and unseeded sampling.")
     cuda_graph_max_bs: Optional[int] = opt(None, "Largest decode batch replayed from a CUDA graph (default: "
                                                  "160, or 8 on GPUs under 25 GiB; never above "

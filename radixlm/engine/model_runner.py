@@ -50,6 +50,7 @@ class RunnerConfig:
 
     device: str = "cpu"
     attention_backend: str = default_of("attention_backend")
+    moe_runner_backend: str = default_of("moe_runner_backend")
     load_format: str = default_of("load_format")
     max_total_tokens: Optional[int] = None
     mem_fraction_static: float = default_of("mem_fraction_static")
@@ -82,7 +83,8 @@ class ModelRunner:
         self.num_heads = model_config.num_heads // self.tp.size  # this rank's heads
         self.num_kv_heads = kv_head_sharding(model_config.num_heads, model_config.num_kv_heads, self.tp.size,
                                              self.tp.rank)[0]
-        self.model = load_model(model_config, cfg.device, cfg.load_format, cfg.random_seed, cfg.show_progress)
+        self.model = load_model(model_config, cfg.device, cfg.load_format, cfg.random_seed, cfg.show_progress,
+                                cfg.moe_runner_backend)
         self.max_total_num_tokens = tp_all_reduce_min(self._kv_capacity())  # what every rank can hold
         self.allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, cfg.page_size, device=cfg.device)
         self.token_to_kv_pool = MHATokenToKVPool(

@@ -8,8 +8,10 @@ from typing import Dict, Tuple
 _REGISTRY: Dict[str, Tuple[str, str]] = {
     "LlamaForCausalLM": ("radixlm.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("radixlm.models.llama", "MistralForCausalLM"),
+    "MixtralForCausalLM": ("radixlm.models.mixtral", "MixtralForCausalLM"),
     "Qwen2ForCausalLM": ("radixlm.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("radixlm.models.llama", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("radixlm.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 

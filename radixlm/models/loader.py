@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from radixlm.layers.cpu_linear import prepack_model
+from radixlm.layers.moe import configure_moe_runner
 from radixlm.models import get_model_class
 from radixlm.models.model_config import ModelConfig
 
@@ -60,7 +61,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high
 
 
 def load_model(cfg: ModelConfig, device: str, load_format: str = "auto", seed: int = 0,
-               show_progress: bool = False) -> nn.Module:
+               show_progress: bool = False, moe_runner_backend: str = "auto") -> nn.Module:
+    """`moe_runner_backend`: the expert runner of MoE layers (radixlm/layers/moe/; ignored by dense models)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported. Valid: {', '.join(LOAD_FORMATS)}")
     cls = get_model_class(cfg.architecture)
@@ -79,6 +81,7 @@ def load_model(cfg: ModelConfig, device: str, load_format: str = "auto", seed: i
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint {cfg.model_path!r} lacks weights for: {', '.join(missing[:8])}")
+    configure_moe_runner(model, moe_runner_backend, device)
     if torch.device(device).type == "cpu":
         prepack_model(model)  # oneDNN layout for the CPU matmuls (radixlm/layers/cpu_linear.py)
     return model.eval()

@@ -172,6 +172,19 @@ class ModelConfig:
         return int(window)
 
     @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (Qwen3-MoE: num_experts; Mixtral, and transformers 5's
+        spelling of both: num_local_experts); 0 for a dense model."""
+        return int(self.hf_config.get("num_experts") or self.hf_config.get("num_local_experts") or 0)
+
+    @property
+    def moe_intermediate_size(self) -> Optional[int]:
+        """One expert's intermediate size (Qwen3-MoE: moe_intermediate_size; Mixtral: intermediate_size)."""
+        if not self.num_experts:
+            return None
+        return int(self.hf_config.get("moe_intermediate_size") or self.hf_config["intermediate_size"])
+
+    @property
     def tie_word_embeddings(self) -> bool:
         return bool(self.hf_config.get("tie_word_embeddings", False))
 
@@ -194,6 +207,9 @@ class ModelConfig:
         inter = self.get("intermediate_size")
         if inter is not None and inter % tp_size:
             problems.append(f"intermediate_size {inter} is not divisible by tp_size {tp_size}")
+        moe_inter = self.moe_intermediate_size
+        if moe_inter is not None and moe_inter != inter and moe_inter % tp_size:
+            problems.append(f"moe_intermediate_size {moe_inter} is not divisible by tp_size {tp_size}")
         return problems
 
     def check_tensor_parallel(self, tp_size: int) -> None:

@@ -10,9 +10,11 @@ directory -- ``config.json``, ``generation_config.json``, ``model.safetensors``
 ``transformers.AutoTokenizer`` load with no network access.
 
 Supported architectures: ``llama`` (Llama-3 style rope scaling), ``qwen2``
-(qkv bias, tied embeddings), ``qwen3`` (q/k RMSNorm, explicit head_dim) and
-``mistral``.  Sizes: ``tiny`` (fast, for unit tests), ``small`` (demos,
-benchmarks) and ``medium`` (~100M parameters, CPU benchmarks).
+(qkv bias, tied embeddings), ``qwen3`` (q/k RMSNorm, explicit head_dim),
+``mistral``, and the Mixture-of-Experts ``qwen3_moe`` (8 experts, top-2,
+renormalised; per-expert ``mlp.experts.E.{gate,up,down}_proj`` names) and
+``mixtral`` (8 experts, top-2; ``block_sparse_moe.experts.E.w1/w2/w3``).
+Sizes: ``tiny`` (fast, for unit tests), ``small`` (demos, benchmarks) and ``medium`` (~100M parameters, CPU benchmarks).
 
 The tokenizer files (byte-level BPE trained on ``corpus.txt``, ChatML chat
 template, fixed special-token ids) come from ``tiny_tokenizer.py``; this module
@@ -20,7 +22,7 @@ owns the model side: config, seeded weights, and the directory layout.
 
 CLI::
 
-    python -m radixlm.tools.make_tiny_model OUT --arch llama|qwen2|qwen3|mistral \
+    python -m radixlm.tools.make_tiny_model OUT --arch llama|qwen2|qwen3|mistral|qwen3_moe|mixtral \
         [--size tiny|small|medium] [--seed N] [--dtype float32|bfloat16|float16] \
         [--chat-template-style chatml|qwen3|deepseek-r1]
 """
@@ -60,7 +62,7 @@ __all__ = [
     "main",
 ]
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -104,7 +106,13 @@ _ARCH_INFO = {
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3"),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral"),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"),
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral"),
 }
+_EXPLICIT_HEAD_DIM = ("qwen3", "qwen3_moe")
+
+# MoE: (experts, one expert's intermediate size) per size; top-2 routing.
+_MOE_PARAMS = {"tiny": (8, 64), "small": (8, 256), "medium": (8, 1024)}
 
 # Per-architecture config.json fields (as the HF checkpoints of each family write them).
 _NO_SLIDING = dict(use_sliding_window=False, sliding_window=None, max_window_layers=None)  # layers: set later
@@ -117,6 +125,11 @@ _ARCH_FIELDS: dict[str, dict[str, Any]] = {
     "qwen3": dict(tie_word_embeddings=False, rope_theta=1000000.0, rope_scaling=None, attention_bias=False,
                   **_NO_SLIDING),
     "mistral": dict(tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+    "qwen3_moe": dict(tie_word_embeddings=False, rope_theta=1000000.0, rope_scaling=None, attention_bias=False,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      router_aux_loss_coef=0.001, output_router_logits=False, **_NO_SLIDING),
+    "mixtral": dict(tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None, num_experts_per_tok=2,
+                    router_jitter_noise=0.0, router_aux_loss_coef=0.001, output_router_logits=False),
 }
 
 MAX_POSITION_EMBEDDINGS = 2048
@@ -142,6 +155,7 @@ _OUT_GAIN = 1.0  # extra gain on o_proj / down_proj (residual-branch outputs)
 _BIAS_STD = 0.1
 _TIED_EMBED_ROW_NORM = 1.0
 _NORM_NOISE = 0.1
+_ROUTER_GAIN = 3.0  # MoE router logit std
 
 
 # ---------------------------------------------------------------------------
@@ -159,7 +173,11 @@ def build_config(arch: str = "llama", size: str = "tiny", dtype: str = "float32"
         raise ValueError(f"unknown dtype {dtype!r}; choose from {DTYPES}")
 
     p = dict(_SIZE_PARAMS[size])
-    explicit_head_dim = arch == "qwen3"
+    explicit_head_dim = arch in _EXPLICIT_HEAD_DIM
+    if arch == "qwen3_moe":  # dense layers (mlp_only_layers) keep intermediate_size
+        p["num_experts"], p["moe_intermediate_size"] = _MOE_PARAMS[size]
+    elif arch == "mixtral":  # every layer is sparse: intermediate_size is one expert's
+        p["num_local_experts"], p["intermediate_size"] = _MOE_PARAMS[size]
     head_dim = _QWEN3_HEAD_DIM[size] if explicit_head_dim else p["hidden_size"] // p["num_attention_heads"]
 
     cfg: dict[str, Any] = {
@@ -244,7 +262,7 @@ def _make_weights(cfg: dict[str, Any], seed: int, n_real_tokens: int):
     qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
     o_bias = model_type != "qwen2" and bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False))
-    qk_norm = model_type == "qwen3"
+    qk_norm = model_type in ("qwen3", "qwen3_moe")
 
     w: dict[str, torch.Tensor] = {}
     # Tied: small embedding rows (so the residual copy of the current token
@@ -273,6 +291,9 @@ def _make_weights(cfg: dict[str, Any], seed: int, n_real_tokens: int):
             w[pre + "self_attn.q_norm.weight"] = norm_w(hd)
             w[pre + "self_attn.k_norm.weight"] = norm_w(hd)
         w[pre + "post_attention_layernorm.weight"] = norm_w(H)
+        if _is_sparse(cfg, i):
+            w.update(_moe_weights(cfg, pre, linear, out_linear, normal))
+            continue
         w[pre + "mlp.gate_proj.weight"] = linear(I, H)
         w[pre + "mlp.up_proj.weight"] = linear(I, H)
         w[pre + "mlp.down_proj.weight"] = out_linear(H, I)
@@ -286,6 +307,36 @@ def _make_weights(cfg: dict[str, Any], seed: int, n_real_tokens: int):
         lm = unit_rows(normal((V, H), 1.0), _LM_HEAD_LOGIT_STD)
         lm[n_real_tokens:] = 0.0
         w["lm_head.weight"] = lm
+    return w
+
+
+def _is_sparse(cfg: dict[str, Any], layer: int) -> bool:
+    """Whether `layer` has a MoE block (HF's rule: Mixtral every layer; Qwen3-MoE unless listed in
+    mlp_only_layers, and only every decoder_sparse_step-th layer)."""
+    if cfg["model_type"] == "mixtral":
+        return True
+    if cfg["model_type"] != "qwen3_moe":
+        return False
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    return layer not in (cfg.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+
+
+def _moe_weights(cfg: dict[str, Any], pre: str, linear, out_linear, normal) -> dict:
+    """One layer's router and experts under the hub checkpoints' per-expert names. Router logits
+    have std ~_ROUTER_GAIN for unit-rms input: a clear top-2, rarely a near tie."""
+    H = cfg["hidden_size"]
+    if cfg["model_type"] == "mixtral":
+        E, I, block = cfg["num_local_experts"], cfg["intermediate_size"], "block_sparse_moe"
+        names = ("w1", "w3", "w2")
+    else:
+        E, I, block = cfg["num_experts"], cfg["moe_intermediate_size"], "mlp"
+        names = ("gate_proj", "up_proj", "down_proj")
+    w = {f"{pre}{block}.gate.weight": normal((E, H), _ROUTER_GAIN / math.sqrt(H))}
+    for e in range(E):
+        ex = f"{pre}{block}.experts.{e}."
+        w[ex + names[0] + ".weight"] = linear(I, H)
+        w[ex + names[1] + ".weight"] = linear(I, H)
+        w[ex + names[2] + ".weight"] = out_linear(H, I)
     return w
 
 
