@@ -35,7 +35,7 @@ from radixlm.disaggregation.common import (
     tcp_address,
 )
 from radixlm.disaggregation.protocol import KVLayout, ProtocolError
-from radixlm.disaggregation.transfer import KVSendState, chunk_tokens_for, layout_mismatch
+from radixlm.disaggregation.transfer import CHUNK_TARGET_BYTES, KVSendState, chunk_tokens_for, layout_mismatch
 
 if TYPE_CHECKING:
     from radixlm.sched.scheduler import Scheduler
@@ -73,7 +73,8 @@ class PrefillBootstrap:
         self.timeout = timeout
         self.max_inflight_bytes = max_inflight_bytes
         self.layout = layout
-        self.chunk_tokens = chunk_tokens_for(layout, page_size)
+        # chunks of at most half the window, so that two are in flight while the first is acknowledged
+        self.chunk_tokens = chunk_tokens_for(layout, page_size, min(CHUNK_TARGET_BYTES, max_inflight_bytes // 2))
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         set_socket_options(self.sock)
