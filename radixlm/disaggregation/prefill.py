@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from radixlm.core import FinishReason, Req, ReqOutput
@@ -61,6 +61,7 @@ class Transfer:
     reg: Optional[Registration] = None
     send: Optional[KVSendState] = None
     done_sent: bool = False
+    t0: float = field(default_factory=time.monotonic)  # when the prefill finished
 
 
 class PrefillBootstrap:
@@ -226,6 +227,8 @@ class PrefillBootstrap:
         self.transfers.pop(room, None)
         sched.q.transfer.remove(req)
         sched.kv.cache_finished(req)
+        logger.info("PD room %d: transfer ended %.3f s after the prefill (registered %s)", room,
+                    time.monotonic() - tr.t0, "yes" if tr.reg else "no")
         if error is None:
             reason = out.finished_reason or FinishReason("length", length=len(req.output_ids))
         else:

@@ -210,7 +210,9 @@ class Scheduler:
         if self._inflight is None:
             return self._step_fresh()
         cur = self._inflight
-        self._inflight = nxt = self.overlap.chain(cur)
+        # PD transfers are polled, and requests join from them, only with no step in flight: no chaining then
+        pd_busy = self.pd is not None and self.pd.has_work()
+        self._inflight = nxt = None if pd_busy else self.overlap.chain(cur)
         outputs = self._complete(cur, nxt)
         if nxt is None:  # nothing chained: the next batch is built from the now current state
             outputs += self._step_fresh()
