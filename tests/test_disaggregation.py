@@ -310,6 +310,41 @@ def test_either_arrival_order(workers, decode_first):
     _idle(d)
 
 
+def test_constrained_request_through_pd(model_factory):
+    """The first token goes through the grammar on the prefill side, and through the decode side's matcher."""
+    from radixlm.managers.scheduler_process import create_scheduler
+    from radixlm.managers.tokenizer import get_tokenizer
+
+    path = model_factory("qwen2")
+    tok = get_tokenizer(path)
+    bport = free_port()
+    mk = [ServerArgs(model_path=path, disaggregation_mode=m, disaggregation_bootstrap_port=bport,
+                     disaggregation_timeout=5.0, max_total_tokens=1024) for m in ("prefill", "decode", "null")]
+    p, d, plain = (create_scheduler(a, tok) for a in mk)
+    try:
+        ids = tok.encode("Answer:")
+
+        def req(rid, room=None):
+            sp = SamplingParams(max_new_tokens=8, temperature=0.0, regex="(yes|no)[a-z]{3}")
+            sp.verify(512)
+            boot = {} if room is None else {"bootstrap_host": "127.0.0.1", "bootstrap_port": bport,
+                                            "bootstrap_room": room}
+            return to_req(TokenizedGenerateReqInput(rid, ids, sp, **boot))
+
+        plain.add_request(req("ref"))
+        ref = _pump([plain], _finished(["ref"]), limit=60)
+        p.add_request(req("p", 77))
+        d.add_request(req("d", 77))
+        outs = _pump([p, d], _finished(["p", "d"]), limit=60)
+        text = tok.decode(_tokens(outs["d"]))
+        assert _tokens(outs["d"]) == _tokens(ref["ref"]) and text[:2] in ("ye", "no"), text
+        _idle(p)
+        _idle(d)
+    finally:
+        for s in (p, d, plain):
+            s.shutdown()
+
+
 def _assert_peer_abort(out: ReqOutput, *words: str) -> None:
     fr = out.finished_reason
     assert fr.type == "abort" and fr.status_code == 503, fr
