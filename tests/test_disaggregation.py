@@ -389,6 +389,33 @@ def test_dead_or_silent_prefill_peer_then_restart(workers, model_factory):
         p2.shutdown()
 
 
+def test_decode_abort_releases_the_prefill_side(workers):
+    p, d, _, bport, _ = workers
+    ids = list(range(80, 95))
+    d.add_request(_req("d-ab", ids, 4, bport, 51))
+    for _ in range(100):  # registered with the prefill worker, which has not seen the request yet
+        d.step()
+        p.pd.poll(p)
+        if 51 in p.pd.regs:
+            break
+        time.sleep(0.005)
+    outs = {o.rid: o for o in d.abort_request("d-ab")}
+    assert outs["d-ab"].finished_reason.type == "abort"
+    _pump([d], lambda o: not d.has_work())
+    t0 = time.monotonic()
+    for _ in range(100):  # the cancel reaches the prefill worker
+        p.pd.poll(p)
+        if 51 not in p.pd.regs:
+            break
+        time.sleep(0.005)
+    p.add_request(_req("p-ab", ids, 4, bport, 51))
+    outs = _pump([p], _finished(["p-ab"]))
+    _assert_peer_abort(outs["p-ab"][-1], "cancelled")
+    assert time.monotonic() - t0 < TIMEOUT  # not after its deadline: at once
+    _idle(p)
+    _idle(d)
+
+
 def _fake_decode(bport: int, room: int, n_tokens: int, layout: KVLayout):
     import zmq
 

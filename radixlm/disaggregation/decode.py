@@ -107,7 +107,7 @@ class DecodeTransfers:
                     break
                 try:
                     outputs += self._handle(sched, addr, frames, touched)
-                except ProtocolError as e:
+                except (ProtocolError, ValueError, TypeError) as e:  # a bad peer never takes the worker down
                     logger.warning("PD decode dropped a message from %s: %s", addr, e)
         for room in touched:  # credit back to the senders: one cumulative ack per room per step
             rm = self.rooms.get(room)
