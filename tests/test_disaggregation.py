@@ -488,6 +488,14 @@ def test_prefill_stops_at_the_credit_window(workers, model_factory):
         p.shutdown()
 
 
+def test_bootstrap_port_in_use_is_a_clear_error(workers):
+    from radixlm.disaggregation.prefill import PrefillBootstrap
+
+    p, _, _, bport, _ = workers
+    with pytest.raises(RuntimeError, match=f"^disaggregation_bootstrap_port: cannot bind .*:{bport}"):
+        PrefillBootstrap("127.0.0.1", bport, 1.0, 1 << 20, p.pd.layout, 1)
+
+
 def test_layout_mismatch_is_refused(workers):
     import zmq
 

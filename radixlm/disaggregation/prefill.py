@@ -82,7 +82,12 @@ class PrefillBootstrap:
         set_socket_options(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished decode worker is an error, not a drop
         self.address = tcp_address(host, port)
-        self.sock.bind(self.address)
+        try:
+            self.sock.bind(self.address)
+        except zmq.ZMQError as e:
+            self.sock.close(0)
+            raise RuntimeError(f"disaggregation_bootstrap_port: cannot bind the bootstrap server to {self.address}: "
+                               f"{e} (another prefill worker on this port?)") from None
         self.regs: Dict[int, Registration] = OrderedDict()
         self.known: Dict[int, Req] = {}  # room -> its request, not yet prefilled
         self.transfers: Dict[int, Transfer] = {}
