@@ -291,6 +291,32 @@ def test_pd_greedy_equals_plain_and_caches(workers):
     _idle(d)
 
 
+def test_concurrent_requests_with_pages_of_different_sizes(workers):
+    """Requests arrive together (some decode while others are still in transfer); the prefill worker
+    uses pages of 4 tokens, the decode worker pages of 2: KV travels per token, pages are local."""
+    _, _, plain, _, path = workers
+    bport = free_port()
+    p = _scheduler(path, "prefill", bport, page_size=4)
+    d = _scheduler(path, "decode", bport, page_size=2)
+    try:
+        prompts = _prompts() + [list(range(200, 237))]
+        for i, ids in enumerate(prompts):
+            plain.add_request(_req(f"ref{i}", ids, 5 + i))
+        ref = _pump([plain], _finished([f"ref{i}" for i in range(len(prompts))]))
+        for i, ids in enumerate(prompts):
+            room = random.getrandbits(63)
+            p.add_request(_req(f"p{i}", ids, 5 + i, bport, room))
+            d.add_request(_req(f"d{i}", ids, 5 + i, bport, room))
+        outs = _pump([p, d], _finished([f"{s}{i}" for i in range(len(prompts)) for s in "pd"]))
+        for i in range(len(prompts)):
+            assert _tokens(outs[f"d{i}"]) == _tokens(ref[f"ref{i}"]), i
+        _idle(p)
+        _idle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
 @pytest.mark.parametrize("decode_first", [True, False])
 def test_either_arrival_order(workers, decode_first):
     p, d, plain, bport, _ = workers
