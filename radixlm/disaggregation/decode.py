@@ -16,7 +16,7 @@ Deadline: a room that hears nothing from its prefill worker (chunk, keep-alive, 
 `--disaggregation-timeout` s, or gets `error`, is aborted with a 503 naming the peer, and its
 reserved KV is freed; other requests and /health are untouched. Faster when the connection says so
 (a ZeroMQ socket monitor per peer): a prefill worker whose connection closes, or that refuses to
-connect, fails the rooms registered with it at once (within the reconnect interval, <= 1 s). A
+connect, fails the rooms registered with it at once (within the reconnect interval, <= 0.25 s). A
 request still waiting for a reservation after the timeout is aborted the same way (the prefill
 worker gave up on it by then).
 """
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_IDLE_PEERS = 64  # connections to prefill workers with no room in flight kept open
-RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 1000
+RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 250  # a dead peer is noticed within 0.25 s
 
 
 @dataclass
