@@ -16,7 +16,7 @@ Deadline: a room that hears nothing from its prefill worker (chunk, keep-alive, 
 `--disaggregation-timeout` s, or gets `error`, is aborted with a 503 naming the peer, and its
 reserved KV is freed; other requests and /health are untouched. Faster when the connection says so
 (a ZeroMQ socket monitor per peer): a prefill worker whose connection closes, or that refuses to
-connect, fails the rooms registered with it at once (within the reconnect interval, <= 0.25 s). A
+connect (twice: one refusal may predate its restart), fails the rooms registered with it (<= 0.5 s). A
 request still waiting for a reservation after the timeout is aborted the same way (the prefill
 worker gave up on it by then).
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from radixlm.core import FinishReason, Req, ReqOutput
 from radixlm.disaggregation import protocol
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_IDLE_PEERS = 64  # connections to prefill workers with no room in flight kept open
-RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 250  # a dead peer is noticed within 0.25 s
+RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 100, 250  # a dead peer is noticed within 2 x 0.25 s
 
 
 @dataclass
@@ -55,8 +55,8 @@ class Peer:
 
     sock: object  # DEALER
     monitor: object  # PAIR receiving the DEALER's connection events
-    down: Optional[str] = None  # why the connection is down (None: up, or connecting for the first time)
-    down_at: float = 0.0
+    closures: int = 0  # connections closed by the peer, ever
+    refusals: int = 0  # connection attempts refused, ever
 
     def close(self) -> None:
         try:
@@ -75,6 +75,8 @@ class Room:
     deadline: float
     acked: int = 0
     t0: float = 0.0  # when the room was registered (monotonic)
+    closures: int = 0  # the peer's counters when the room was registered
+    refusals: int = 0
 
 
 class DecodeTransfers:
@@ -143,9 +145,10 @@ class DecodeTransfers:
             if rm.req not in sched.q.transfer:  # aborted meanwhile: its KV is freed already
                 self.rooms.pop(room)
                 self._send(rm.peer, protocol.control("cancel", room, message="the decode request was aborted"))
-            elif peer is not None and peer.down is not None and peer.down_at >= rm.t0:
-                outputs.append(self._abort(sched, room, f"prefill peer {rm.peer} {peer.down} (bootstrap room "
-                                                        f"{room})"))
+            elif peer is not None and (peer.closures > rm.closures or peer.refusals >= rm.refusals + 2):
+                # (two refusals after registering: one may be an attempt made just before the peer came up)
+                what = "closed the connection" if peer.closures > rm.closures else "refused the connection"
+                outputs.append(self._abort(sched, room, f"prefill peer {rm.peer} {what} (bootstrap room {room})"))
             elif now > rm.deadline:
                 self._send(rm.peer, protocol.control("cancel", room, message="timed out"))
                 outputs.append(self._abort(sched, room, f"prefill peer {rm.peer} sent nothing for "
@@ -188,6 +191,9 @@ class DecodeTransfers:
             room, peer = req.bootstrap_room, self.peer_of(req)
             self.rooms[room] = Room(req, peer, KVRecvState(room, loc.to("cpu"), self.layout), now + self.timeout,
                                     t0=now)
+            peer_state = self.peers.get(peer)
+            if peer_state is not None:
+                self.rooms[room].closures, self.rooms[room].refusals = peer_state.closures, peer_state.refusals
             if not self._send(peer, protocol.control("register", room, n_tokens=n, layout=self.layout.to_json())):
                 outputs.append(self._abort(sched, room, f"prefill peer {peer} is not reachable (its queue is full)"))
         self.prealloc = waiting
@@ -265,15 +271,14 @@ class DecodeTransfers:
             set_socket_options(sock)
             sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                              | zmq.EVENT_CONNECT_RETRIED)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
             sock.connect(addr)
             peer = self.peers[addr] = Peer(sock, monitor)
         return peer.sock
 
     def _watch_connections(self) -> None:
-        """Reads each connection's monitor: a closed or refused connection marks the peer down (the
-        rooms registered before that fail), a completed one up."""
+        """Reads each connection's monitor and counts closed and refused connections (the rooms
+        registered before them fail)."""
         import zmq
         from zmq.utils.monitor import recv_monitor_message
 
@@ -283,11 +288,10 @@ class DecodeTransfers:
                     ev = recv_monitor_message(peer.monitor, zmq.NOBLOCK)["event"]
                 except zmq.Again:
                     break
-                if ev == zmq.EVENT_CONNECTED:
-                    peer.down = None
-                elif ev in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED):
-                    peer.down = "closed the connection" if ev == zmq.EVENT_DISCONNECTED else "refused the connection"
-                    peer.down_at = time.monotonic()
+                if ev == zmq.EVENT_DISCONNECTED:
+                    peer.closures += 1
+                elif ev == zmq.EVENT_CONNECT_RETRIED:
+                    peer.refusals += 1
 
     def _send(self, addr: str, frames) -> bool:
         import zmq
