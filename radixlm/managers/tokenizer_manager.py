@@ -144,7 +144,7 @@ class TokenizerManager:
             if time.time() > deadline:
                 self.shutdown()
                 raise RuntimeError("the scheduler did not become ready in time")
-            if not self.sched_proc.is_alive():
+            if not self.sched_proc.is_alive() and not poller.poll(0):  # (its last word may be waiting)
                 self.shutdown()
                 raise RuntimeError(f"the scheduler process exited during start-up (code {self.sched_proc.exitcode})")
             dead = first_dead(self.procs)
@@ -319,7 +319,9 @@ class TokenizerManager:
                                   logprob_start_len=obj.get("logprob_start_len", -1)
                                   if obj.get("logprob_start_len") is not None else -1,
                                   stream=bool(obj.get("stream", False)), extra_key=obj.get("extra_key"),
-                                  cache_salt=obj.get("cache_salt"), priority=obj.get("priority"))
+                                  cache_salt=obj.get("cache_salt"), priority=obj.get("priority"),
+                                  bootstrap_host=obj.get("bootstrap_host"), bootstrap_port=obj.get("bootstrap_port"),
+                                  bootstrap_room=obj.get("bootstrap_room"))
 
     async def submit(self, msgs: List[TokenizedGenerateReqInput]) -> List[ReqState]:
         self._check_alive()

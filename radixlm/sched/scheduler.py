@@ -77,8 +77,9 @@ class Scheduler:
     def __init__(self, runner: "ModelRunner", cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
-                 grammar_factory: Optional[Callable[[], object]] = None):
+                 grammar_factory: Optional[Callable[[], object]] = None, pd=None):
         self.runner = runner
+        self.pd = pd  # PD disaggregation: PrefillBootstrap / DecodeTransfers (radixlm/disaggregation), or None
         self.cfg = cfg
         self.context_len = context_len
         self.grammars = GrammarManager(grammar_factory, runner.sampler)
@@ -115,7 +116,7 @@ class Scheduler:
         return self.q.chunked_req
 
     def live_reqs(self) -> List[Req]:
-        return self.q.live()
+        return self.q.live() + (self.pd.pending_reqs() if self.pd is not None else [])
 
     @property
     def new_token_ratio(self) -> float:
@@ -134,7 +135,7 @@ class Scheduler:
         return self.kv.token_usage()
 
     def has_work(self) -> bool:
-        return bool(self.q) or self._inflight is not None
+        return bool(self.q) or self._inflight is not None or (self.pd is not None and self.pd.has_work())
 
     # ------------------------------------------------------------------ requests in, out
     def add_request(self, req: Req) -> None:
@@ -154,6 +155,10 @@ class Scheduler:
         self.grammars.start(req)
         req.arrival_seq = self._arrivals
         self._arrivals += 1
+        if self.pd is not None and req.bootstrap_room is not None:
+            self.pd.add(req)  # decode: waits for a KV reservation, then for the prefill worker's KV
+            if not self.pd.is_prefill:
+                return
         self.q.waiting.append(req)
 
     def grammar_backend(self):
@@ -175,6 +180,8 @@ class Scheduler:
             self.q.remove(req)
             self.kv.free(req)
             out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
+        for req in self.pd.drop(rid) if self.pd is not None else []:
+            out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         return out
 
     def drain(self) -> List[ReqOutput]:
@@ -185,6 +192,8 @@ class Scheduler:
     def shutdown(self) -> None:
         if self.overlap is not None:
             self.overlap.shutdown()
+        if self.pd is not None:
+            self.pd.close()
 
     def flush_cache(self) -> bool:
         """Empties the radix cache; only possible when no request is in flight. (Counters are kept:
@@ -201,14 +210,18 @@ class Scheduler:
         if self._inflight is None:
             return self._step_fresh()
         cur = self._inflight
-        self._inflight = nxt = self.overlap.chain(cur)
+        # PD transfers are polled, and requests join from them, only with no step in flight: no chaining then
+        pd_busy = self.pd is not None and self.pd.has_work()
+        self._inflight = nxt = None if pd_busy else self.overlap.chain(cur)
         outputs = self._complete(cur, nxt)
         if nxt is None:  # nothing chained: the next batch is built from the now current state
             outputs += self._step_fresh()
         return outputs
 
     def _step_fresh(self) -> List[ReqOutput]:
-        outputs = self._resolve_grammars() if self.q.waiting else []
+        outputs = self.pd.poll(self) if self.pd is not None else []
+        if self.q.waiting:
+            outputs += self._resolve_grammars()
         batch, failed = self._prefill_batch()
         outputs += failed
         if batch is None and self.q.running:
@@ -295,10 +308,13 @@ class Scheduler:
             return [self.out.attach_input_logprobs(
                 req, self.out.finish(req, FinishReason("length", length=len(req.output_ids))))]
         out = self.out.attach_input_logprobs(req, self.out.append_token(req, result, row))
+        if self.pd is not None and self.pd.is_prefill and req.bootstrap_room is not None:
+            self.pd.prefilled(self, req, out)  # its KV goes to the decode worker; `out` is sent after
+            return []
         if req.finished:
             self.kv.cache_finished(req)
         elif req.pending_tokens:
-            self._park_for_extend(req)
+            self.park_for_extend(req)
         else:
             self.kv.cache_unfinished(req)
             self.q.running.append(req)
@@ -330,7 +346,7 @@ class Scheduler:
                 elif req.finished:
                     self.kv.cache_finished(req)
                 else:
-                    self._park_for_extend(req)
+                    self.park_for_extend(req)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 logger.exception("processing the decode of request %s failed", req.rid)
                 if id(req) in in_next:  # its slot in the chained step goes back once that step is done
@@ -341,7 +357,7 @@ class Scheduler:
                     outputs += self._fail_reqs([(req, None)], f"internal error: {type(e).__name__}: {e}")
         return outputs
 
-    def _park_for_extend(self, req: Req) -> None:
+    def park_for_extend(self, req: Req) -> None:
         """A request holding jump-forward tokens goes back to the queue with its computed KV in the
         radix cache; its next admission hits that prefix and extends the new tokens at once."""
         if self.tree_cache.disable:
