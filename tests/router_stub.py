@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
-from tests.server_utils import LaunchedProcess, free_port
+from radixlm.bench.launcher import RouterProcess
 
 STUB_MODEL = "stub-model"
 LOAD_TOKENS = 7  # what /get_load reports, so a router's /get_loads shows whether it parsed it
@@ -109,28 +108,6 @@ class RecordingStub:
     def seen(self, method: str, path: str) -> List[Dict[str, Any]]:
         with self._lock:
             return [r for r in self.requests if r["method"] == method and r["path"] == path]
-
-
-# ------------------------------------------------------------------------------ the real router
-class RouterProcess(LaunchedProcess):
-    """The real `sglang_router.launch_router` on 127.0.0.1 in its own process group."""
-
-    name = "router"
-    stop_timeout = 10.0
-
-    def __init__(self, worker_urls: List[str], policy: str = "cache_aware", extra: Optional[List[str]] = None,
-                 timeout: float = 60.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
-                          str(self.port), "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host",
-                          "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn",
-                          *(extra or [])], timeout)
-
-    def ready(self) -> bool:
-        import requests
-
-        return requests.get(self.url + "/readiness", timeout=2).status_code == 200
 
 
 # ------------------------------------------------------------------------------ recording
