@@ -35,6 +35,7 @@ class FinishReason:
     matched: Optional[Union[int, str]] = None
     length: Optional[int] = None
     message: Optional[str] = None
+    status_code: Optional[int] = None  # an abort's HTTP status (None: 400)
 
     def to_json(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"type": self.type}
@@ -44,6 +45,8 @@ class FinishReason:
             d["length"] = self.length
         elif self.type == "abort":
             d["message"] = self.message
+            if self.status_code is not None:
+                d["status_code"] = self.status_code
         return d
 
 
@@ -77,6 +80,9 @@ class Req:
     priority: Optional[int] = None  # SGLang's `priority` (--enable-priority-scheduling); None counts as 0
     cache_namespace: Optional[tuple] = None  # radix-cache namespace (extra_key, cache_salt); None: shared
     stop_regexes: List[Any] = field(default_factory=list)  # compiled stop_regex (sampling_params.StopRegex)
+    bootstrap_host: Optional[str] = None  # PD disaggregation: the prefill worker's bootstrap server and the
+    bootstrap_port: Optional[int] = None  # room pairing this request's prefill and decode halves
+    bootstrap_room: Optional[int] = None
 
     output_ids: List[int] = field(default_factory=list)
     finished_reason: Optional[FinishReason] = None

@@ -15,7 +15,9 @@ from radixlm.server_args import ServerArgs, choices_of, cli_fields
 
 GROUP_HELP = {"limits": "Every limit is answered with a 4xx naming the field (docs/limits.md).",
               "parallelism": "Tensor parallelism (ranks of one model) and data parallelism (replicas behind "
-                             "sglang-router)."}
+                             "sglang-router).",
+              "disaggregation": "Prefill/decode disaggregation behind sglang-router --pd-disaggregation "
+                                "(docs/architecture.md)."}
 
 
 def _base_type(annotation: Any) -> type:

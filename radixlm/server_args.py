@@ -18,6 +18,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_RUNNING_REQUESTS = 256  # when max_running_requests is not given
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("tcp", "mooncake", "nixl")
 
 Choices = Union[Tuple[str, ...], Callable[[], Any]]
 
@@ -147,6 +149,23 @@ class ServerArgs:
                                            "\"--cb-failure-threshold 10 --health-check-interval-secs 5\").",
                                      group="parallelism")
     # structured generation and tool calls
+    disaggregation_mode: str = opt("null", "Prefill/decode disaggregation role: null = a plain server; prefill = "
+                                   "compute prompts and send their KV to decode workers (bootstrap server on "
+                                   "--disaggregation-bootstrap-port); decode = receive the KV and decode. Driven "
+                                   "by sglang-router --pd-disaggregation.", choices=DISAGGREGATION_MODES,
+                                   group="disaggregation")
+    disaggregation_bootstrap_port: int = opt(8998, "Prefill worker: port of its bootstrap server (decode workers "
+                                                   "register there and receive the KV over it).", ge=1, le=65535,
+                                             group="disaggregation")
+    disaggregation_transfer_backend: str = opt("tcp", "KV transfer backend: tcp = ZeroMQ over TCP (CPU or GPU, any "
+                                                      "network). mooncake and nixl are not implemented.",
+                                               choices=TRANSFER_BACKENDS, group="disaggregation")
+    disaggregation_timeout: float = opt(5.0, "Seconds a PD request waits for its peer (registration, KV, "
+                                             "acknowledgement, keep-alives) before it is aborted and its KV freed.",
+                                        positive=True, le=3600, group="disaggregation")
+    disaggregation_max_inflight_bytes: int = opt(16 * 1024 * 1024, "Prefill worker: most KV bytes sent to a "
+                                                 "decode worker and not yet acknowledged, per request.",
+                                                 ge=4096, group="disaggregation")
     grammar_backend: str = opt("xgrammar", "Backend for regex / json_schema / ebnf constraints; none disables "
                                            "them.", choices=_grammar_backends)
     disable_jump_forward: bool = opt(False, "Decode grammar-forced text token by token instead of appending "
@@ -211,8 +230,21 @@ class ServerArgs:
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("dist_init_addr: required with nnodes > 1 (host:port of rank 0, reachable from "
                              "every node)")
+        self._check_disaggregation()
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    def _check_disaggregation(self) -> None:
+        if self.disaggregation_transfer_backend != "tcp":
+            from radixlm.disaggregation.transfer import check_backend
+
+            check_backend(self.disaggregation_transfer_backend)
+        if self.disaggregation_mode == "null":
+            return
+        if self.tp_size > 1 or self.dp_size > 1:
+            raise ValueError(f"disaggregation_mode: {self.disaggregation_mode} with tp_size {self.tp_size} / dp_size "
+                             f"{self.dp_size} is not supported (PD workers run one rank each; start more workers "
+                             "behind the router instead)")
 
     def replace(self, **kw) -> "ServerArgs":
         return dataclasses.replace(self, **kw)

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 
 def error_json(message: str, status: int, err_type: str = "BadRequestError", param=None) -> JSONResponse:
     """OpenAI's error shape (used by every route)."""
+    if status == 503 and err_type == "BadRequestError":
+        err_type = "ServiceUnavailableError"
     return JSONResponse(status_code=status, content={
         "object": "error", "message": message, "type": err_type, "param": param, "code": status,
         "error": {"message": message, "type": err_type, "param": param, "code": status}})

@@ -54,7 +54,7 @@ async def generate(request: Request):
     for o in outs:
         fr = o["meta_info"]["finish_reason"]
         if fr and fr["type"] == "abort" and len(outs) == 1:
-            return error_json(fr.get("message") or "aborted", 400)
+            return error_json(fr.get("message") or "aborted", fr.get("status_code") or 400)
     return JSONResponse(outs if batched or len(outs) > 1 else outs[0])
 
 

@@ -37,6 +37,9 @@ class TokenizedGenerateReqInput:
     extra_key: Optional[str] = None  # with cache_salt: the request's radix-cache namespace
     cache_salt: Optional[str] = None
     priority: Optional[int] = None  # --enable-priority-scheduling
+    bootstrap_host: Optional[str] = None  # PD disaggregation (RequestBuilder.bootstrap checked them)
+    bootstrap_port: Optional[int] = None
+    bootstrap_room: Optional[int] = None
 
     @property
     def cache_namespace(self) -> Optional[tuple]:
@@ -172,6 +175,8 @@ def to_req(msg: TokenizedGenerateReqInput):
     req.logprob_start_len = msg.logprob_start_len
     req.cache_namespace = msg.cache_namespace
     req.priority = msg.priority
+    req.bootstrap_host, req.bootstrap_port, req.bootstrap_room = msg.bootstrap_host, msg.bootstrap_port, \
+        msg.bootstrap_room
     if sp.stop_regex_strs:  # compiled once per request, here in the scheduler (never on the server's loop)
         req.stop_regexes = compile_stop_regexes(sp.stop_regex_strs)
     if sp.sampling_seed is not None:

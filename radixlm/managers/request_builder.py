@@ -71,7 +71,7 @@ def check_strings(obj: Any, field: str) -> None:
 class RequestBuilder:
     def __init__(self, tokenizer, vocab_size: int, context_len: int, grammar_backend: str = "xgrammar",
                  limits: Optional[RequestLimits] = None, enable_priority_scheduling: bool = False,
-                 sampling_defaults: Optional[Dict[str, Any]] = None):
+                 sampling_defaults: Optional[Dict[str, Any]] = None, disaggregation_mode: str = "null"):
         self.tokenizer = tokenizer
         # values for the sampling fields a request leaves unset (generation_config.json, --sampling-defaults)
         self.sampling_defaults: Dict[str, Any] = dict(sampling_defaults or {})
@@ -80,6 +80,7 @@ class RequestBuilder:
         self.grammar_backend = grammar_backend
         self.limits = limits or RequestLimits()
         self.enable_priority_scheduling = enable_priority_scheduling
+        self.disaggregation_mode = disaggregation_mode
         self._max_token_chars: Optional[int] = None
 
     @classmethod
@@ -90,7 +91,8 @@ class RequestBuilder:
 
             defaults = read_sampling_defaults(args.model_path)
         return cls(tokenizer, vocab_size, context_len, args.grammar_backend, RequestLimits.from_server_args(args),
-                   bool(getattr(args, "enable_priority_scheduling", False)), defaults)
+                   bool(getattr(args, "enable_priority_scheduling", False)), defaults,
+                   getattr(args, "disaggregation_mode", "null"))
 
     # ------------------------------------------------------------------ text
     @property
@@ -118,6 +120,7 @@ class RequestBuilder:
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
               top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False,
               extra_key=None, cache_salt=None, priority: Optional[int] = None,
+              bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
               ) -> Tuple[List[TokenizedGenerateReqInput], bool]:
         """Returns (messages, batched). A prompt with n samples gives n consecutive messages.
         `extra_key` / `cache_salt` (a string, or one per prompt) put a prompt in its own radix-cache
@@ -155,6 +158,7 @@ class RequestBuilder:
         extra_keys = self._per_prompt(extra_key, "extra_key", n_prompts, batched)
         salts = self._per_prompt(cache_salt, "cache_salt", n_prompts, batched)
         priority = self._priority(priority)
+        boot = self.bootstrap(bootstrap_host, bootstrap_port, bootstrap_room)
         # sampling params first: they are cheap, and a bad one should not cost a tokenization
         sp_objs = []
         for sp_dict in sps:
@@ -187,7 +191,9 @@ class RequestBuilder:
                     rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp,
                     return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
                     logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i,
-                    extra_key=ek, cache_salt=salt, priority=priority))
+                    extra_key=ek, cache_salt=salt, priority=priority, **boot))
+        if boot and len(msgs) != 1:
+            raise ValueError("bootstrap_room: a PD disaggregation request carries one prompt with n = 1")
         if len({m.rid for m in msgs}) != len(msgs):
             raise ValueError("rid: request ids must be unique")
         return msgs, batched
@@ -210,6 +216,22 @@ class RequestBuilder:
             if len(v) > 4096:
                 raise ValueError(f"{field}: {len(v)} characters; at most 4096")
         return [v or None for v in vals]
+
+    def bootstrap(self, host: Any, port: Any, room: Any) -> Dict[str, Any]:
+        """The PD disaggregation fields sglang-router adds (bootstrap_host/port/room), checked; {} when
+        absent (a PD worker also serves plain requests, e.g. /health_generate)."""
+        if host is None and port is None and room is None:
+            return {}
+        if self.disaggregation_mode == "null":
+            raise ValueError("bootstrap_room: this server is not a PD worker (start it with "
+                             "--disaggregation-mode prefill or decode)")
+        if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < 2**64:
+            raise ValueError(f"bootstrap_room must be an unsigned 64-bit integer, got {room!r}")
+        if not isinstance(host, str) or not host or len(host) > 255 or any(c.isspace() for c in host):
+            raise ValueError(f"bootstrap_host must be the prefill worker's host name or address, got {host!r}")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+            raise ValueError(f"bootstrap_port must be a port number (1-65535) or null, got {port!r}")
+        return {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
 
     def _priority(self, priority: Any) -> Optional[int]:
         if priority is None:

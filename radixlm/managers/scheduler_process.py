@@ -83,18 +83,24 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
                     any_whitespace=not args.constrained_json_disable_any_whitespace,
                     max_whitespace_cnt=args.constrained_json_max_whitespace,
                     compile_timeout=args.grammar_compile_timeout, cache_size=args.grammar_cache_size)
+    from radixlm.disaggregation.decode import make_disaggregation
+
+    pd = make_disaggregation(args, runner, runner.allocator.page_size)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
-        enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
+        enable_jump_forward=not args.disable_jump_forward,
+        # PD workers step without overlap: a request joining from a transfer never races a step in flight
+        enable_overlap=not args.disable_overlap_schedule and pd is None,
         debug_integrity_check=args.enable_debug_integrity_check),
-        model_config.context_len, decode_tail, encode_text, grammar_factory)
+        model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd)
 
 
 def scheduler_state(s) -> Dict:
     return {
         "max_total_num_tokens": s.max_total_num_tokens,
-        "num_running_reqs": len(s.running) + (1 if s.chunked_req else 0),
-        "num_queue_reqs": len(s.waiting),
+        "num_running_reqs": len(s.running) + (1 if s.chunked_req else 0) + len(s.q.transfer),
+        "num_queue_reqs": len(s.waiting) + (len(s.pd.pending_reqs()) if s.pd is not None else 0),
+        "num_pd_transfer_reqs": len(s.q.transfer),  # PD: holding KV for a transfer (counted as running)
         "token_usage": s.token_usage(),
         "cache_hit_rate": s.stats.cache_hit_rate,
         "last_prefill_hit_rate": s.stats.last_hit_rate,

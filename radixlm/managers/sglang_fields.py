@@ -30,6 +30,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "return_text_in_logprobs": HANDLED,
     "extra_key": HANDLED, "cache_salt": HANDLED,  # separate radix-cache namespaces
     "priority": HANDLED,  # with --enable-priority-scheduling
+    "bootstrap_host": HANDLED, "bootstrap_port": HANDLED, "bootstrap_room": HANDLED,  # PD (--disaggregation-mode)
     # harmless metadata
     "model": METADATA, "log_metrics": METADATA, "no_logs": METADATA, "custom_labels": METADATA,
     "received_time": METADATA, "routing_key": METADATA, "conversation_id": METADATA,
@@ -44,8 +45,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "return_routed_experts": UNSUPPORTED, "routed_experts_start_len": UNSUPPORTED,
     "return_indexer_topk": UNSUPPORTED, "modalities": UNSUPPORTED, "session_params": UNSUPPORTED,
     "lora_path": UNSUPPORTED, "lora_id": UNSUPPORTED, "custom_logit_processor": UNSUPPORTED,
-    "positional_embed_overrides": UNSUPPORTED, "bootstrap_host": UNSUPPORTED, "bootstrap_port": UNSUPPORTED,
-    "bootstrap_room": UNSUPPORTED, "bootstrap_pair_key": UNSUPPORTED, "decode_tp_size": UNSUPPORTED,
+    "positional_embed_overrides": UNSUPPORTED, "bootstrap_pair_key": UNSUPPORTED, "decode_tp_size": UNSUPPORTED,
     "routed_dp_rank": UNSUPPORTED, "data_parallel_rank": UNSUPPORTED, "disagg_prefill_dp_rank": UNSUPPORTED,
     "background": UNSUPPORTED, "require_reasoning": UNSUPPORTED, "max_thinking_tokens": UNSUPPORTED,
     "return_bytes": UNSUPPORTED, "return_entropy": UNSUPPORTED, "return_prompt_token_ids": UNSUPPORTED,
@@ -85,9 +85,7 @@ WHY: Dict[str, str] = {  # the 400's reason, for fields where "not supported" ne
     "image_data": "this server serves text-only models", "video_data": "this server serves text-only models",
     "audio_data": "this server serves text-only models", "input_embeds": "input embeddings are not supported",
     "session_params": "sessions are not supported", "session_id": "sessions are not supported",
-    "bootstrap_host": "PD disaggregation is not supported", "bootstrap_port": "PD disaggregation is not supported",
-    "bootstrap_room": "PD disaggregation is not supported",
-    "bootstrap_pair_key": "PD disaggregation is not supported",
+    "bootstrap_pair_key": "bootstrap_pair_key is not supported (one bootstrap room per request)",
     "routed_dp_rank": "this server is one data-parallel rank (0)",
     "data_parallel_rank": "this server is one data-parallel rank (0)",
     "beam_width": "beam search is not supported", "watermark": "watermarking is not supported",

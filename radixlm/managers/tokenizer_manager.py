@@ -310,7 +310,9 @@ class TokenizerManager:
                                   logprob_start_len=obj.get("logprob_start_len", -1)
                                   if obj.get("logprob_start_len") is not None else -1,
                                   stream=bool(obj.get("stream", False)), extra_key=obj.get("extra_key"),
-                                  cache_salt=obj.get("cache_salt"), priority=obj.get("priority"))
+                                  cache_salt=obj.get("cache_salt"), priority=obj.get("priority"),
+                                  bootstrap_host=obj.get("bootstrap_host"), bootstrap_port=obj.get("bootstrap_port"),
+                                  bootstrap_room=obj.get("bootstrap_room"))
 
     async def submit(self, msgs: List[TokenizedGenerateReqInput]) -> List[ReqState]:
         self._check_alive()

@@ -81,7 +81,7 @@ class DecodeBuilder:
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
         """Preempts the least-progressed live request; False when nothing can go."""
-        candidates = self.q.live()
+        candidates = [r for r in self.q.live() if r not in self.q.transfer]  # (a PD transfer is not retracted)
         if len(candidates) <= 1:
             if self.q.running:  # even alone it cannot get one more slot: the pool is too small
                 req = self.q.running.pop()

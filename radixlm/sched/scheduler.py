@@ -77,8 +77,9 @@ class Scheduler:
     def __init__(self, runner: "ModelRunner", cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
-                 grammar_factory: Optional[Callable[[], object]] = None):
+                 grammar_factory: Optional[Callable[[], object]] = None, pd=None):
         self.runner = runner
+        self.pd = pd  # PD disaggregation: PrefillBootstrap / DecodeTransfers (radixlm/disaggregation), or None
         self.cfg = cfg
         self.context_len = context_len
         self.grammars = GrammarManager(grammar_factory, runner.sampler)
@@ -115,7 +116,7 @@ class Scheduler:
         return self.q.chunked_req
 
     def live_reqs(self) -> List[Req]:
-        return self.q.live()
+        return self.q.live() + (self.pd.pending_reqs() if self.pd is not None else [])
 
     @property
     def new_token_ratio(self) -> float:
@@ -134,7 +135,7 @@ class Scheduler:
         return self.kv.token_usage()
 
     def has_work(self) -> bool:
-        return bool(self.q) or self._inflight is not None
+        return bool(self.q) or self._inflight is not None or (self.pd is not None and self.pd.has_work())
 
     # ------------------------------------------------------------------ requests in, out
     def add_request(self, req: Req) -> None:
@@ -154,6 +155,10 @@ class Scheduler:
         self.grammars.start(req)
         req.arrival_seq = self._arrivals
         self._arrivals += 1
+        if self.pd is not None and req.bootstrap_room is not None:
+            self.pd.add(req)  # decode: waits for a KV reservation, then for the prefill worker's KV
+            if not self.pd.is_prefill:
+                return
         self.q.waiting.append(req)
 
     def grammar_backend(self):
@@ -175,6 +180,8 @@ class Scheduler:
             self.q.remove(req)
             self.kv.free(req)
             out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
+        for req in self.pd.drop(rid) if self.pd is not None else []:
+            out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         return out
 
     def drain(self) -> List[ReqOutput]:
@@ -185,6 +192,8 @@ class Scheduler:
     def shutdown(self) -> None:
         if self.overlap is not None:
             self.overlap.shutdown()
+        if self.pd is not None:
+            self.pd.close()
 
     def flush_cache(self) -> bool:
         """Empties the radix cache; only possible when no request is in flight. (Counters are kept:
@@ -208,7 +217,9 @@ class Scheduler:
         return outputs
 
     def _step_fresh(self) -> List[ReqOutput]:
-        outputs = self._resolve_grammars() if self.q.waiting else []
+        outputs = self.pd.poll(self) if self.pd is not None else []
+        if self.q.waiting:
+            outputs += self._resolve_grammars()
         batch, failed = self._prefill_batch()
         outputs += failed
         if batch is None and self.q.running:
@@ -295,6 +306,9 @@ class Scheduler:
             return [self.out.attach_input_logprobs(
                 req, self.out.finish(req, FinishReason("length", length=len(req.output_ids))))]
         out = self.out.attach_input_logprobs(req, self.out.append_token(req, result, row))
+        if self.pd is not None and self.pd.is_prefill and req.bootstrap_room is not None:
+            self.pd.prefilled(self, req, out)  # its KV goes to the decode worker; `out` is sent after
+            return []
         if req.finished:
             self.kv.cache_finished(req)
         elif req.pending_tokens:

@@ -70,19 +70,22 @@ def constraint(req: SamplingFields) -> Dict[str, Any]:
                      "structural_tag)", "response_format")
 
 
-UNSUPPORTED_EXTENSIONS = ("lora_path", "session_params", "return_hidden_states", "bootstrap_host", "bootstrap_port",
-                          "bootstrap_room", "routed_dp_rank", "data_parallel_rank")
+UNSUPPORTED_EXTENSIONS = ("lora_path", "session_params", "return_hidden_states", "routed_dp_rank",
+                          "data_parallel_rank")
 
 
 def sglang_extras(req: SamplingFields) -> Dict[str, Any]:
-    """The SGLang request extensions the RequestBuilder takes (extra_key, cache_salt, priority);
+    """The SGLang request extensions the RequestBuilder takes (extra_key, cache_salt, priority, the PD
+    bootstrap fields);
     a feature radixlm lacks set to a non-default value is a 400 naming it (as on /generate)."""
     for name in UNSUPPORTED_EXTENSIONS:
         try:
             sglang_fields.check_generate_fields({name: getattr(req, name)})
         except ValueError as e:
             raise BadRequest(str(e), name) from None
-    return {"extra_key": req.extra_key, "cache_salt": req.cache_salt, "priority": req.priority}
+    return {"extra_key": req.extra_key, "cache_salt": req.cache_salt, "priority": req.priority,
+            "bootstrap_host": req.bootstrap_host, "bootstrap_port": req.bootstrap_port,
+            "bootstrap_room": req.bootstrap_room}
 
 
 def check_limits(req: SamplingFields, limits, top_field: str, top: Optional[int]) -> None:
@@ -208,7 +211,8 @@ def usage(states: List[ReqState]) -> Dict[str, Any]:
 def abort_error(states: List[ReqState]) -> Optional[Response]:
     for st in states:
         if is_aborted(st):
-            return error_json(st.finished_reason.message or "The request was aborted", 400)
+            return error_json(st.finished_reason.message or "The request was aborted",
+                              st.finished_reason.status_code or 400)
     return None
 
 
@@ -250,7 +254,8 @@ async def stream_states(tm: TokenizerManager, states: List[ReqState], make_chunk
             yield sse(chunk)
         async for i, st in tm.stream(states):
             if is_aborted(st):  # OpenAI has no "abort" finish_reason: an error event ends the stream
-                yield sse(error_event(st.finished_reason.message or "The request was aborted", 400,
+                yield sse(error_event(st.finished_reason.message or "The request was aborted",
+                                      st.finished_reason.status_code or 400,
                                       "BadRequestError"))
                 include_usage = False
                 break
