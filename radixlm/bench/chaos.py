@@ -56,7 +56,8 @@ ROUTER_PRESETS: Dict[str, List[str]] = {
               "--health-success-threshold", "1", "--health-check-timeout-secs", "3",
               "--cb-failure-threshold", "2", "--cb-success-threshold", "1", "--cb-timeout-duration-secs", "2",
               "--cb-window-duration-secs", "10",
-              "--retry-max-retries", "5", "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "500"],
+              "--retry-max-retries", "5", "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "500",
+              "--balance-abs-threshold", "4", "--balance-rel-threshold", "1.2"],
 }
 
 TARGETS = {"degraded_error_rate_max": 0.10, "errors_within_s_of_kill": 5.0, "steady_recovery_success_min": 0.99,
@@ -93,6 +94,7 @@ class ChaosConfig:
     question_words: int = 12
     seed: int = 0
     launch_timeout: float = 180.0
+    router_log_level: str = "warn"   # info logs every request (with its latency) too
 
     def __post_init__(self):
         if self.mode not in ("dp", "pd"):
@@ -141,6 +143,7 @@ class Cluster:
             self.specs = [WorkerSpec("prefill", free_port(), free_port()) for _ in range(cfg.prefill)]
             self.specs += [WorkerSpec("decode", free_port()) for _ in range(cfg.decode)]
         self.procs: Dict[str, ServerProcess] = {}
+        self.dead: Dict[str, List[ServerProcess]] = {}  # killed processes, kept for their logs
         self.router: Optional[RouterProcess] = None
 
     def _launch(self, spec: WorkerSpec) -> ServerProcess:
@@ -161,7 +164,7 @@ class Cluster:
                 for spec, proc in zip(self.specs, ex.map(self._launch, self.specs)):
                     self.procs[spec.url] = proc
             self.router = RouterProcess(self.router_workers(), policy=self.cfg.policy, extra=self.cfg.router_flags,
-                                        timeout=self.cfg.launch_timeout)
+                                        timeout=self.cfg.launch_timeout, log_level=self.cfg.router_log_level)
         except BaseException:
             self.stop()
             raise
@@ -174,8 +177,13 @@ class Cluster:
 
     def relaunch(self, spec: WorkerSpec) -> ServerProcess:
         """Blocks until the relaunched worker answers /health (or raises after launch_timeout)."""
+        self.dead.setdefault(spec.url, []).append(self.procs[spec.url])
         self.procs[spec.url] = proc = self._launch(spec)
         return proc
+
+    def worker_logs(self) -> Dict[str, str]:
+        return {u: "".join(p.output(tail=2_000_000) for p in [*self.dead.get(u, []), proc])
+                for u, proc in self.procs.items()}
 
     def stop(self) -> None:
         if self.router is not None:
@@ -307,6 +315,7 @@ class RouterWatch:
         self.router_url, self.urls, self.clock, self.period = router_url, urls, clock, period
         self.state: Dict[str, str] = {}
         self.changes: List[Dict[str, Any]] = []
+        self.loads: List[Dict[str, Any]] = []  # the router's in-flight count per worker, once a second
         self.poll_errors = 0
         self._stop = asyncio.Event()
 
@@ -317,6 +326,9 @@ class RouterWatch:
         except (httpx.HTTPError, ValueError, KeyError):
             self.poll_errors += 1
             return
+        now = self.clock()
+        if not self.loads or now - self.loads[-1]["t"] >= 1.0:
+            self.loads.append({"t": round(now, 2), **{u: listed[u].get("load") for u in self.urls if u in listed}})
         for u in self.urls:
             s = "absent" if u not in listed else ("healthy" if listed[u].get("is_healthy", True) else "unhealthy")
             if self.state.get(u) != s:
@@ -376,6 +388,22 @@ def breaker_openings(metrics: str) -> Dict[str, int]:
     for url, n in CB_OPENED.findall(metrics):
         out[url] = out.get(url, 0) + int(n)
     return out
+
+
+WORKER_EVENT = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
+
+
+def worker_log_events(text: str) -> Dict[str, Any]:
+    """A worker's warnings and errors (e.g. a PD decode worker aborting the half of a request whose
+    prefill peer died): how many, and a few distinct ones."""
+    n, samples = 0, {}
+    for line in ANSI.sub("", text).splitlines():
+        if WORKER_EVENT.search(line):
+            n += 1
+            key = re.sub(r"[0-9a-f]{8,}|\d+", "N", line)[-100:]
+            if key not in samples and len(samples) < 4:
+                samples[key] = line[:300]
+    return {"warnings": n, "samples": list(samples.values())}
 
 
 def router_log_events(text: str, urls: List[str]) -> Dict[str, Any]:
@@ -547,14 +575,18 @@ def run_chaos(cfg: ChaosConfig, log=print) -> Dict[str, Any]:
         victim, marks, watch = run["victim"], run["marks"], run["watch"]
         kv = {s.url: kv_idle(s.url) for s in cluster.specs}
         router_log = cluster.router.output(tail=2_000_000)
+        worker_logs = {u: worker_log_events(text) for u, text in cluster.worker_logs().items()}
         try:
             metrics = httpx.get(cluster.router.metrics_url, timeout=5).text
         except httpx.HTTPError:
             metrics = ""
     finally:
         cluster.stop()
-    return build_report(cfg, cluster, cap, rate, victim, marks, run["outcomes"], run["dropped"], watch, kv,
-                        router_log, metrics)
+    report = build_report(cfg, cluster, cap, rate, victim, marks, run["outcomes"], run["dropped"], watch, kv,
+                          router_log, metrics)
+    report["worker_logs"] = worker_logs
+    report["router_log_text"] = ANSI.sub("", router_log)
+    return report
 
 
 def build_report(cfg, cluster, cap, rate, victim, marks, outcomes, dropped, watch, kv, router_log,
@@ -589,6 +621,7 @@ def build_report(cfg, cluster, cap, rate, victim, marks, outcomes, dropped, watc
         "router_marked_victim_unhealthy_s": round(t_unhealthy - marks["kill"], 2) if t_unhealthy is not None else None,
         "survivors_marked_unhealthy_or_removed": bad_survivors,
         "router_worker_changes": watch.changes,
+        "router_loads": watch.loads,
         "router_log": router_log_events(router_log, [s.url for s in cluster.specs]),
         "router_breaker_openings": breakers,
         "kv_at_end": kv,
@@ -627,6 +660,8 @@ def markdown(report: Dict[str, Any]) -> str:
               f"- restart: /health {r['health_s']} s, router healthy {r['router_healthy_s']} s, serving "
               f"{r['serving_s']} s after the relaunch",
               "- KV idle at the end: " + ", ".join(f"{u}: {w['idle']}" for u, w in report["kv_at_end"].items()),
+              "- worker log warnings/errors: " + ", ".join(f"{u}: {w['warnings']}" for u, w in
+                                                          report.get("worker_logs", {}).items()),
               "", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
         lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
@@ -700,6 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--router-preset", choices=sorted(ROUTER_PRESETS), default=d.router_preset)
     ap.add_argument("--router-args", default="", help="more router flags (after the preset's)")
     ap.add_argument("--worker-args", default="", help="more radixlm server flags for every worker")
+    ap.add_argument("--router-log-level", choices=["debug", "info", "warn", "error"], default=d.router_log_level)
+    ap.add_argument("--router-log", default=None, help="write the router's log here")
     for name in ("steady_secs", "degraded_secs", "recovery_secs", "restart_timeout", "probe_secs", "load_fraction",
                  "max_rate", "client_timeout"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
@@ -711,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ChaosConfig:
-    kw = {k: v for k, v in vars(args).items() if k not in ("output", "plot", "router_args", "worker_args", "kill")}
+    kw = {k: v for k, v in vars(args).items()
+          if k not in ("output", "plot", "router_args", "worker_args", "kill", "router_log")}
     return ChaosConfig(**kw, kill=args.kill or ("worker" if args.mode == "dp" else "prefill"),
                        router_args=shlex.split(args.router_args), worker_args=shlex.split(args.worker_args))
 
@@ -724,7 +762,11 @@ def main(argv=None) -> Dict[str, Any]:
         make_tiny_model(args.model_path, arch="qwen2", size="small")
     cfg = config_from_args(args)
     report = run_chaos(cfg)
+    router_log = report.pop("router_log_text")
     print(markdown(report))
+    if args.router_log:
+        with open(args.router_log, "w") as f:
+            f.write(router_log)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)
