@@ -700,7 +700,7 @@ def svg_plot(report: Dict[str, Any], title: str = "") -> str:
         if key == "success":
             out.append(f'<line x1="{left}" x2="{w - 20}" y1="{y(0.95):.1f}" y2="{y(0.95):.1f}" stroke="#ccc" '
                        f'stroke-dasharray="2,2"/>')
-        pts = [f"{x(b['t'] + 0.5):.1f},{y(b[key]):.1f}" for b in series if b[key] is not None]
+        pts = [f"{x(min(b['t'] + 0.5, t_end)):.1f},{y(b[key]):.1f}" for b in series if b[key] is not None]
         out.append(f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{" ".join(pts)}"/>')
         for label, t, color in (("kill", m["kill"], "#d62728"), ("relaunch", m["restart"], "#ff7f0e"),
                                 ("serving", m.get("serving"), "#2ca02c")):
