@@ -110,6 +110,17 @@ class RecordingStub:
             return [r for r in self.requests if r["method"] == method and r["path"] == path]
 
 
+# ------------------------------------------------------------------------------ PD mode
+def pd_args(prefill: List[tuple], decode: List[str]) -> List[str]:
+    """The router's PD flags: `prefill` as (url, bootstrap port), `decode` urls."""
+    out = ["--pd-disaggregation"]
+    for url, bport in prefill:
+        out += ["--prefill", url, str(bport)]
+    for url in decode:
+        out += ["--decode", url]
+    return out
+
+
 # ------------------------------------------------------------------------------ recording
 VARYING_HEADERS = {"host": "127.0.0.1:<port>", "date": "<date>", "content-length": None,
                    "x-request-id": "<request-id>", "traceparent": "<traceparent>"}
@@ -180,11 +191,63 @@ def record(out_path: str) -> List[Dict[str, Any]]:
     return uniq
 
 
+PD_BOOTSTRAP_PORT = 8998  # what the fixture's --prefill names (nothing listens there)
+
+
+def record_pd(out_path: str) -> Dict[str, Any]:
+    """Runs the real router in PD mode (`--pd-disaggregation --prefill URL 8998 --decode URL`) in
+    front of two stubs; writes what each received (normalised, one entry per distinct request)."""
+    import requests
+    import sglang_router.version as v
+
+    with RecordingStub() as p, RecordingStub() as d:
+        with RouterProcess([], policy="round_robin", extra=[*pd_args([(p.url, PD_BOOTSTRAP_PORT)], [d.url]),
+                                                              "--health-check-interval-secs", "1"]) as router:
+            time.sleep(2.5)
+            for name, path, body in CLIENT_REQUESTS:
+                r = requests.post(router.url + path, json=body, timeout=30)
+                assert r.status_code == 200, (name, r.status_code, r.text)
+            requests.get(router.url + "/get_model_info", timeout=10)
+        sides = {}
+        for side, stub in (("prefill", p), ("decode", d)):
+            seen, uniq = set(), []
+            for e in map(normalise, stub.requests):
+                if isinstance(e["body"], dict) and "bootstrap_room" in e["body"]:
+                    e["body"]["bootstrap_room"] = "<room>"  # random per request
+                key = json.dumps({k: e[k] for k in ("method", "path", "query", "body")}, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    name = next((n for n, pth, b in CLIENT_REQUESTS if pth == e["path"] and isinstance(e["body"], dict)
+                                 and e["body"].get("stream", False) == b.get("stream", False)), "probe " + e["path"])
+                    uniq.append({"name": name, **e})
+            sides[side] = uniq
+    doc = {"router": f"sglang-router {v.__version__}",
+           "how": "python -m tests.router_stub --record-pd " + out_path,
+           "router_args": pd_args([("http://127.0.0.1:<prefill-port>", PD_BOOTSTRAP_PORT)],
+                                  ["http://127.0.0.1:<decode-port>"]),
+           "note": "what the router sent to the prefill and the decode worker in PD mode: the same body to both, "
+                   "with bootstrap_host (the prefill URL's host), bootstrap_port (the port after --prefill URL) and "
+                   "bootstrap_room (random 63-bit, replaced by '<room>') added; it answers the client with the "
+                   "decode worker's response. 'client_requests' are what the client sent to the router.",
+           "client_requests": [{"name": n, "path": pth, "body": b} for n, pth, b in CLIENT_REQUESTS], **sides}
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    return doc
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", metavar="OUT.json", help="record what the real router sends to a worker")
+    ap.add_argument("--record-pd", metavar="OUT.json", help="record what the router sends in PD mode")
     ap.add_argument("--port", type=int, default=0, help="serve the stub (without --record) on this port")
     args = ap.parse_args(argv)
+    if args.record_pd:
+        doc = record_pd(args.record_pd)
+        for side in ("prefill", "decode"):
+            for e in doc[side]:
+                print(side, e["method"], e["path"], json.dumps(e["body"])[:160])
+        return
     if args.record:
         for e in record(args.record):
             print(e["method"], e["path"], json.dumps(e["body"])[:200])

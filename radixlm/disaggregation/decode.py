@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from radixlm.core import Req, ReqOutput
+from radixlm.core import FinishReason, Req, ReqOutput
 from radixlm.disaggregation import protocol
 from radixlm.disaggregation.common import (
     IDLE_WAIT_S,
@@ -128,23 +128,32 @@ class DecodeTransfers:
 
     # ------------------------------------------------------------------ reservation
     def _reserve(self, sched) -> List[ReqOutput]:
-        outputs, now = [], time.monotonic()
-        while self.prealloc:
-            req, deadline = self.prealloc[0]
+        """Reserves KV for waiting requests in arrival order (a constrained one once its grammar is
+        compiled: the first token must go through its matcher) and registers them."""
+        outputs, now, waiting, full = [], time.monotonic(), [], False
+        for req, deadline in self.prealloc:
             n = len(req.origin_input_ids)
-            row = sched.req_to_token_pool.alloc()
-            loc = sched.kv.alloc_with_evict([-1], [0], [n]) if row is not None else None
-            if loc is None:
-                if row is not None:
+            if req.grammar_future is not None:
+                for _, message in sched.grammars.resolve([req]):
+                    outputs.append(sched.out.finish(req, FinishReason("abort", message=message)))
+            if req.finished:
+                continue
+            loc = None
+            if req.grammar_future is None and not full:
+                row = sched.req_to_token_pool.alloc()
+                loc = sched.kv.alloc_with_evict([-1], [0], [n]) if row is not None else None
+                if loc is None and row is not None:
                     sched.req_to_token_pool.free(row)
+                full = loc is None  # later requests wait behind this one
+            if loc is None:
                 if now > deadline:
-                    self.prealloc.pop(0)
+                    what = "its grammar to compile" if req.grammar_future is not None else \
+                        f"KV memory for the prompt's {n} tokens"
                     outputs.append(sched.out.finish(req, peer_abort(
-                        f"no KV memory for the prompt's {n} tokens within {self.timeout:g} s on this decode "
-                        "worker")))
-                    continue
-                break
-            self.prealloc.pop(0)
+                        f"waited {self.timeout:g} s for {what} on this decode worker")))
+                else:
+                    waiting.append((req, deadline))
+                continue
             sched.req_to_token_pool.write(row, 0, loc)
             req.kv.req_pool_idx, req.kv.kv_len, req.kv.cache_protected_len = row, n, 0
             req.kv.last_node = sched.tree_cache.root_node
@@ -154,6 +163,7 @@ class DecodeTransfers:
                                     t0=now)
             if not self._send(peer, protocol.control("register", room, n_tokens=n, layout=self.layout.to_json())):
                 outputs.append(self._abort(sched, room, f"prefill peer {peer} is not reachable (its queue is full)"))
+        self.prealloc = waiting
         return outputs
 
     # ------------------------------------------------------------------ messages
@@ -203,6 +213,8 @@ class DecodeTransfers:
         out = sched.out.append_token(req, FirstToken(tok, msg.get("logprob"), msg.get("top_logprobs")), 0)
         if req.finished:
             sched.kv.cache_finished(req)
+        elif req.pending_tokens:  # jump-forward appended forced tokens: they are extended first
+            sched.park_for_extend(req)
         else:
             sched.kv.cache_unfinished(req)
             sched.q.running.append(req)

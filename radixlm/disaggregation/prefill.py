@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from radixlm.core import FinishReason, Req, ReqOutput
@@ -35,7 +35,7 @@ from radixlm.disaggregation.common import (
     tcp_address,
 )
 from radixlm.disaggregation.protocol import KVLayout, ProtocolError
-from radixlm.disaggregation.transfer import KVSendState, chunk_tokens_for, layout_mismatch
+from radixlm.disaggregation.transfer import CHUNK_TARGET_BYTES, KVSendState, chunk_tokens_for, layout_mismatch
 
 if TYPE_CHECKING:
     from radixlm.sched.scheduler import Scheduler
@@ -61,6 +61,7 @@ class Transfer:
     reg: Optional[Registration] = None
     send: Optional[KVSendState] = None
     done_sent: bool = False
+    t0: float = field(default_factory=time.monotonic)  # when the prefill finished
 
 
 class PrefillBootstrap:
@@ -73,7 +74,8 @@ class PrefillBootstrap:
         self.timeout = timeout
         self.max_inflight_bytes = max_inflight_bytes
         self.layout = layout
-        self.chunk_tokens = chunk_tokens_for(layout, page_size)
+        # chunks of at most half the window, so that two are in flight while the first is acknowledged
+        self.chunk_tokens = chunk_tokens_for(layout, page_size, min(CHUNK_TARGET_BYTES, max_inflight_bytes // 2))
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         set_socket_options(self.sock)
@@ -225,6 +227,8 @@ class PrefillBootstrap:
         self.transfers.pop(room, None)
         sched.q.transfer.remove(req)
         sched.kv.cache_finished(req)
+        logger.info("PD room %d: transfer ended %.3f s after the prefill (registered %s)", room,
+                    time.monotonic() - tr.t0, "yes" if tr.reg else "no")
         if error is None:
             reason = out.finished_reason or FinishReason("length", length=len(req.output_ids))
         else:

@@ -88,9 +88,7 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
     pd = make_disaggregation(args, runner, runner.allocator.page_size)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
-        enable_jump_forward=not args.disable_jump_forward,
-        # PD workers step without overlap: a request joining from a transfer never races a step in flight
-        enable_overlap=not args.disable_overlap_schedule and pd is None,
+        enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
         debug_integrity_check=args.enable_debug_integrity_check),
         model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd)
 

@@ -210,7 +210,9 @@ class Scheduler:
         if self._inflight is None:
             return self._step_fresh()
         cur = self._inflight
-        self._inflight = nxt = self.overlap.chain(cur)
+        # PD transfers are polled, and requests join from them, only with no step in flight: no chaining then
+        pd_busy = self.pd is not None and self.pd.has_work()
+        self._inflight = nxt = None if pd_busy else self.overlap.chain(cur)
         outputs = self._complete(cur, nxt)
         if nxt is None:  # nothing chained: the next batch is built from the now current state
             outputs += self._step_fresh()
@@ -312,7 +314,7 @@ class Scheduler:
         if req.finished:
             self.kv.cache_finished(req)
         elif req.pending_tokens:
-            self._park_for_extend(req)
+            self.park_for_extend(req)
         else:
             self.kv.cache_unfinished(req)
             self.q.running.append(req)
@@ -344,7 +346,7 @@ class Scheduler:
                 elif req.finished:
                     self.kv.cache_finished(req)
                 else:
-                    self._park_for_extend(req)
+                    self.park_for_extend(req)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 logger.exception("processing the decode of request %s failed", req.rid)
                 if id(req) in in_next:  # its slot in the chained step goes back once that step is done
@@ -355,7 +357,7 @@ class Scheduler:
                     outputs += self._fail_reqs([(req, None)], f"internal error: {type(e).__name__}: {e}")
         return outputs
 
-    def _park_for_extend(self, req: Req) -> None:
+    def park_for_extend(self, req: Req) -> None:
         """A request holding jump-forward tokens goes back to the queue with its computed KV in the
         radix cache; its next admission hits that prefix and extends the new tokens at once."""
         if self.tree_cache.disable:
