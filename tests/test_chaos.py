@@ -87,3 +87,37 @@ def test_worker_killed_under_load_costs_only_its_requests(qwen2_path, tmp_path):
     assert all(w["idle"] for w in report["kv_at_end"].values()), report["kv_at_end"]
     (tmp_path / "chaos.svg").write_text(chaos.svg_plot(report, "ci"))
     assert "<polyline" in (tmp_path / "chaos.svg").read_text()
+
+
+def test_router_watch_records_health_changes_and_breaker_openings_after_its_start():
+    import asyncio
+
+    import httpx
+
+    polls = {"n": 0}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/workers":
+            polls["n"] += 1
+            b_healthy = polls["n"] < 2
+            return httpx.Response(200, json={"workers": [{"url": "http://a:1", "is_healthy": True, "load": 3},
+                                                         {"url": "http://b:2", "is_healthy": b_healthy}]})
+        opened = 1 if polls["n"] < 2 else 2  # one opening before the watch (baseline), one during it
+        return httpx.Response(200, text=f'smg_worker_cb_transitions_total{{worker="http://a:1",from="closed",'
+                                        f'to="open"}} {opened}\n')
+
+    clock = iter(range(100))
+    watch = chaos.RouterWatch("http://r", ["http://a:1", "http://b:2"], lambda: next(clock),
+                              metrics_url="http://r/metrics")
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await watch.poll_once(client)
+            await watch.poll_once(client)
+
+    asyncio.run(go())
+    states = [(c["url"], c["state"]) for c in watch.changes]
+    assert states == [("http://a:1", "healthy"), ("http://b:2", "healthy"), ("http://a:1", "breaker_opened"),
+                      ("http://b:2", "unhealthy")]
+    assert watch.breaker_openings_since_start() == {"http://a:1": 1}
+    assert watch.loads[0]["http://a:1"] == 3

@@ -84,7 +84,7 @@ class ChaosConfig:
     recovery_secs: float = 20.0
     restart_timeout: float = 90.0    # the relaunched worker must serve within this, or the run reports it did not
     probe_secs: float = 8.0          # closed-loop capacity run
-    probe_concurrency: int = 0       # 0: 4 per worker
+    probe_concurrency: int = 0       # 0: 4 per worker (dp), 2 per decode worker (pd)
     load_fraction: float = 0.6
     max_rate: float = 50.0           # requests/s cap of the open loop
     max_inflight: int = 128          # arrivals beyond this many in flight are dropped by the client (counted)
@@ -309,10 +309,14 @@ class OpenLoop:
 # ------------------------------------------------------------------------------ watching the router and workers
 class RouterWatch:
     """Polls the router's /workers every `period` s: each url's health as the router sees it, and
-    every change (url absent from the list = removed)."""
+    every change (url absent from the list = removed); once a second its load per worker and its
+    Prometheus circuit-breaker counters (a breaker opening after the watch started is a change too)."""
 
-    def __init__(self, router_url: str, urls: List[str], clock, period: float = 0.25):
+    def __init__(self, router_url: str, urls: List[str], clock, period: float = 0.25,
+                 metrics_url: Optional[str] = None):
         self.router_url, self.urls, self.clock, self.period = router_url, urls, clock, period
+        self.metrics_url = metrics_url
+        self.breakers: Optional[Dict[str, int]] = None  # openings so far (the first poll is the baseline)
         self.state: Dict[str, str] = {}
         self.changes: List[Dict[str, Any]] = []
         self.loads: List[Dict[str, Any]] = []  # the router's in-flight count per worker, once a second
@@ -329,11 +333,30 @@ class RouterWatch:
         now = self.clock()
         if not self.loads or now - self.loads[-1]["t"] >= 1.0:
             self.loads.append({"t": round(now, 2), **{u: listed[u].get("load") for u in self.urls if u in listed}})
+            await self._poll_breakers(client, now)
         for u in self.urls:
             s = "absent" if u not in listed else ("healthy" if listed[u].get("is_healthy", True) else "unhealthy")
             if self.state.get(u) != s:
                 self.state[u] = s
                 self.changes.append({"t": round(self.clock(), 2), "url": u, "state": s})
+
+    async def _poll_breakers(self, client: httpx.AsyncClient, now: float) -> None:
+        if self.metrics_url is None:
+            return
+        try:
+            opened = breaker_openings((await client.get(self.metrics_url, timeout=2)).text)
+        except httpx.HTTPError:
+            self.poll_errors += 1
+            return
+        if self.breakers is not None:
+            for u, n in opened.items():
+                if n > self.breakers.get(u, 0):
+                    self.changes.append({"t": round(now, 2), "url": u, "state": "breaker_opened"})
+        self.breakers = opened
+
+    def breaker_openings_since_start(self) -> Dict[str, int]:
+        return {u: sum(c["url"] == u and c["state"] == "breaker_opened" for c in self.changes)
+                for u in self.urls if any(c["url"] == u and c["state"] == "breaker_opened" for c in self.changes)}
 
     async def run(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -391,6 +414,8 @@ def breaker_openings(metrics: str) -> Dict[str, int]:
 
 
 WORKER_EVENT = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
+# uvicorn's answer to the router's start-up probe of each worker's connection mode: not an event
+WORKER_NOISE = re.compile(r"Invalid HTTP request received")
 
 
 def worker_log_events(text: str) -> Dict[str, Any]:
@@ -398,7 +423,7 @@ def worker_log_events(text: str) -> Dict[str, Any]:
     prefill peer died): how many, and a few distinct ones."""
     n, samples = 0, {}
     for line in ANSI.sub("", text).splitlines():
-        if WORKER_EVENT.search(line):
+        if WORKER_EVENT.search(line) and not WORKER_NOISE.search(line):
             n += 1
             key = re.sub(r"[0-9a-f]{8,}|\d+", "N", line)[-100:]
             if key not in samples and len(samples) < 4:
@@ -521,7 +546,8 @@ def _pick_victim(cluster: Cluster, role: str) -> WorkerSpec:
 async def _scenario(cfg: ChaosConfig, cluster: Cluster, rate: float) -> Dict[str, Any]:
     load = ChatLoad(cfg)
     loop_ = OpenLoop(load, cluster.router.url, rate, cfg.max_inflight, cfg.seed)
-    watch = RouterWatch(cluster.router.url, [s.url for s in cluster.specs], loop_.now)
+    watch = RouterWatch(cluster.router.url, [s.url for s in cluster.specs], loop_.now,
+                        metrics_url=cluster.router.metrics_url)
     tasks = [asyncio.create_task(loop_.run()), asyncio.create_task(watch.run())]
     marks: Dict[str, Optional[float]] = {}
     try:
@@ -567,7 +593,8 @@ def run_chaos(cfg: ChaosConfig, log=print) -> Dict[str, Any]:
         log(f"cluster up in {time.monotonic() - t_launch:.1f} s: "
             f"{', '.join(f'{s.role} {s.url}' for s in cluster.specs)}; router {cluster.router.url} "
             f"{' '.join(cfg.router_flags)}")
-        conc = cfg.probe_concurrency or 4 * len(cluster.specs)
+        # PD: 2 per decode worker (more queues prefills past --disaggregation-timeout on a small machine)
+        conc = cfg.probe_concurrency or (4 * cfg.workers if cfg.mode == "dp" else 2 * cfg.decode)
         cap = asyncio.run(measure_capacity(ChatLoad(cfg), cluster.router.url, conc, cfg.probe_secs))
         rate = min(cfg.max_rate, cfg.load_fraction * cap["req_per_s"])
         log(f"capacity {cap['req_per_s']} req/s (closed loop, {conc} clients); open loop at {rate:.2f} req/s")
@@ -597,9 +624,7 @@ def build_report(cfg, cluster, cap, rate, victim, marks, outcomes, dropped, watc
     drops = {p: sum(_phase_of(t, marks) == p for t in dropped) for p in PHASES}
     series = bins(outcomes, marks["stop"])
     survivors = [s.url for s in cluster.specs if s.url != victim.url]
-    breakers = breaker_openings(metrics)
-    bad_survivors = sorted({c["url"] for c in watch.changes if c["url"] in survivors and c["state"] != "healthy"}
-                           | {u for u in survivors if breakers.get(u)})
+    bad_survivors = sorted({c["url"] for c in watch.changes if c["url"] in survivors and c["state"] != "healthy"})
     rel = {k: (round(v, 2) if v is not None else None) for k, v in marks.items()}
     t_unhealthy = watch.first(victim.url, "unhealthy", marks["kill"])
     t_healthy = watch.first(victim.url, "healthy", marks["restart"])
@@ -623,7 +648,8 @@ def build_report(cfg, cluster, cap, rate, victim, marks, outcomes, dropped, watc
         "router_worker_changes": watch.changes,
         "router_loads": watch.loads,
         "router_log": router_log_events(router_log, [s.url for s in cluster.specs]),
-        "router_breaker_openings": breakers,
+        "router_breaker_openings": watch.breaker_openings_since_start(),  # during the phases
+        "router_breaker_openings_whole_run": breaker_openings(metrics),  # the capacity probe included
         "kv_at_end": kv,
         "series": series,
     }
