@@ -58,6 +58,13 @@ ROUTER_PRESETS: Dict[str, List[str]] = {
               "--cb-window-duration-secs", "10",
               "--retry-max-retries", "5", "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "500",
               "--balance-abs-threshold", "4", "--balance-rel-threshold", "1.2"],
+    # PD: the router counts a failed pair against both workers' breakers, so a dead or slow prefill opens
+    # healthy decode workers' breakers; here the breakers are off, fast health checks find a dead worker
+    # and the retries' backoff (0.2 + 0.4 + 0.8 + 1 + 1 s) spans the time they take to do so.
+    "tuned-pd": ["--health-check-interval-secs", "1", "--health-failure-threshold", "2",
+                 "--health-success-threshold", "1", "--health-check-timeout-secs", "3", "--disable-circuit-breaker",
+                 "--retry-max-retries", "5", "--retry-initial-backoff-ms", "200", "--retry-backoff-multiplier", "2",
+                 "--retry-max-backoff-ms", "1000", "--balance-abs-threshold", "4", "--balance-rel-threshold", "1.2"],
 }
 
 TARGETS = {"degraded_error_rate_max": 0.10, "errors_within_s_of_kill": 5.0, "steady_recovery_success_min": 0.99,
@@ -413,14 +420,14 @@ def breaker_openings(metrics: str) -> Dict[str, int]:
     return out
 
 
-WORKER_EVENT = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
+WORKER_EVENT = re.compile(r"abort|fail|error|timed out|timeout|dead|unavailable|traceback", re.I)
 # uvicorn's answer to the router's start-up probe of each worker's connection mode: not an event
 WORKER_NOISE = re.compile(r"Invalid HTTP request received")
 
 
 def worker_log_events(text: str) -> Dict[str, Any]:
-    """A worker's warnings and errors (e.g. a PD decode worker aborting the half of a request whose
-    prefill peer died): how many, and a few distinct ones."""
+    """A worker's lines about failures (it runs at --log-level warning; e.g. a PD decode worker aborting
+    the half of a request whose prefill peer died or was too slow): how many, and a few distinct ones."""
     n, samples = 0, {}
     for line in ANSI.sub("", text).splitlines():
         if WORKER_EVENT.search(line) and not WORKER_NOISE.search(line):
@@ -686,7 +693,7 @@ def markdown(report: Dict[str, Any]) -> str:
               f"- restart: /health {r['health_s']} s, router healthy {r['router_healthy_s']} s, serving "
               f"{r['serving_s']} s after the relaunch",
               "- KV idle at the end: " + ", ".join(f"{u}: {w['idle']}" for u, w in report["kv_at_end"].items()),
-              "- worker log warnings/errors: " + ", ".join(f"{u}: {w['warnings']}" for u, w in
+              "- worker log lines about failures: " + ", ".join(f"{u}: {w['warnings']}" for u, w in
                                                           report.get("worker_logs", {}).items()),
               "", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
