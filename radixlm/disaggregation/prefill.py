@@ -62,6 +62,7 @@ class Transfer:
     send: Optional[KVSendState] = None
     done_sent: bool = False
     t0: float = field(default_factory=time.monotonic)  # when the prefill finished
+    cancelled: Optional[str] = None  # why the decode side gave up before the prefill finished
 
 
 class PrefillBootstrap:
@@ -81,7 +82,12 @@ class PrefillBootstrap:
         set_socket_options(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished decode worker is an error, not a drop
         self.address = tcp_address(host, port)
-        self.sock.bind(self.address)
+        try:
+            self.sock.bind(self.address)
+        except zmq.ZMQError as e:
+            self.sock.close(0)
+            raise RuntimeError(f"disaggregation_bootstrap_port: cannot bind the bootstrap server to {self.address}: "
+                               f"{e} (another prefill worker on this port?)") from None
         self.regs: Dict[int, Registration] = OrderedDict()
         self.known: Dict[int, Req] = {}  # room -> its request, not yet prefilled
         self.transfers: Dict[int, Transfer] = {}
@@ -111,7 +117,10 @@ class PrefillBootstrap:
         self.known.pop(room, None)
         sched.kv.cache_unfinished(req)
         sched.q.transfer.append(req)
-        self.transfers[room] = Transfer(req, out, time.monotonic() + self.timeout, self.regs.pop(room, None))
+        tr = Transfer(req, out, time.monotonic() + self.timeout, self.regs.pop(room, None))
+        if room in self.expired:  # its decode worker cancelled already: end it at the next poll
+            tr.deadline, tr.cancelled = 0.0, self.expired[room]
+        self.transfers[room] = tr
 
     def poll(self, sched: "Scheduler") -> List[ReqOutput]:
         import zmq
@@ -126,7 +135,7 @@ class PrefillBootstrap:
                 break
             try:
                 outputs += self._handle(sched, frames[0], frames[1:])
-            except ProtocolError as e:
+            except (ProtocolError, ValueError, TypeError) as e:  # a bad peer never takes the worker down
                 logger.warning("bootstrap server dropped a message: %s", e)
         now = time.monotonic()
         for room, tr in list(self.transfers.items()):
@@ -160,9 +169,16 @@ class PrefillBootstrap:
                 while len(self.regs) > MAX_PENDING_REGISTRATIONS:
                     self.regs.pop(next(iter(self.regs)))
             return []
+        reg = self.regs.get(room)
+        if t == "cancel" and tr is None and reg is not None and reg.identity == identity:
+            self.regs.pop(room)  # the decode side gave up before the prefill: don't wait for it
+            self._end(room, f"the decode worker cancelled: {msg.get('message')}", None)
+            return []
         if tr is None or tr.reg is None or tr.reg.identity != identity:
             return []  # about a room that ended here (late ack, cancel): nothing to do
         if t == "ack":
+            if tr.send is None:
+                raise ProtocolError(f"room {room}: ack before any KV was sent")
             tr.send.on_ack(int(msg.get("bytes", -1)))
             tr.deadline = time.monotonic() + self.timeout
             return []
@@ -204,6 +220,8 @@ class PrefillBootstrap:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             return [self._finish(sched, room, tr, f"decode peer of room {room} disconnected")]
+        if tr.cancelled is not None:
+            return [self._finish(sched, room, tr, tr.cancelled)]
         if now > tr.deadline:
             what = ("no decode worker registered the room" if tr.reg is None
                     else "the decode worker stopped acknowledging the KV")

@@ -135,7 +135,7 @@ class TokenizerManager:
             if time.time() > deadline:
                 self.shutdown()
                 raise RuntimeError("the scheduler did not become ready in time")
-            if not self.sched_proc.is_alive():
+            if not self.sched_proc.is_alive() and not poller.poll(0):  # (its last word may be waiting)
                 self.shutdown()
                 raise RuntimeError(f"the scheduler process exited during start-up (code {self.sched_proc.exitcode})")
             dead = first_dead(self.procs)
