@@ -12,3 +12,19 @@ slots and the request joins its running batch. Every wait has a deadline
 
 Messages are defined in `protocol.py`; nothing here is pickled.
 """
+
+
+def create_disaggregation(args, runner, page_size: int):
+    """The scheduler's PD side for `args.disaggregation_mode` (None for a plain server)."""
+    if args.disaggregation_mode == "null":
+        return None
+    from radixlm.disaggregation.decode import DecodeTransfers
+    from radixlm.disaggregation.protocol import KVLayout
+
+    layout = KVLayout.of_pool(runner.token_to_kv_pool)
+    if args.disaggregation_mode == "prefill":
+        from radixlm.disaggregation.prefill import PrefillBootstrap
+
+        return PrefillBootstrap(args.host, args.disaggregation_bootstrap_port, args.disaggregation_timeout,
+                                args.disaggregation_max_inflight_bytes, layout, page_size)
+    return DecodeTransfers(args.disaggregation_timeout, layout, args.disaggregation_bootstrap_port)

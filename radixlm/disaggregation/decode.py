@@ -305,15 +305,3 @@ class DecodeTransfers:
         for addr in [a for a in self.peers if a not in busy][:len(self.peers) - MAX_IDLE_PEERS]:
             self.peers.pop(addr).close()
 
-
-def make_disaggregation(args, runner, page_size: int) -> Optional[object]:
-    """The scheduler's PD side for `args.disaggregation_mode` (None for a plain server)."""
-    if args.disaggregation_mode == "null":
-        return None
-    layout = KVLayout.of_pool(runner.token_to_kv_pool)
-    if args.disaggregation_mode == "prefill":
-        from radixlm.disaggregation.prefill import PrefillBootstrap
-
-        return PrefillBootstrap(args.host, args.disaggregation_bootstrap_port, args.disaggregation_timeout,
-                                args.disaggregation_max_inflight_bytes, layout, page_size)
-    return DecodeTransfers(args.disaggregation_timeout, layout, args.disaggregation_bootstrap_port)

@@ -83,9 +83,9 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
                     any_whitespace=not args.constrained_json_disable_any_whitespace,
                     max_whitespace_cnt=args.constrained_json_max_whitespace,
                     compile_timeout=args.grammar_compile_timeout, cache_size=args.grammar_cache_size)
-    from radixlm.disaggregation.decode import make_disaggregation
+    from radixlm.disaggregation import create_disaggregation
 
-    pd = make_disaggregation(args, runner, runner.allocator.page_size)
+    pd = create_disaggregation(args, runner, runner.allocator.page_size)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
