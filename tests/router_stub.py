@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
-from tests.server_utils import LaunchedProcess, free_port
+from radixlm.bench.launcher import RouterProcess
 
 STUB_MODEL = "stub-model"
 LOAD_TOKENS = 7  # what /get_load reports, so a router's /get_loads shows whether it parsed it
@@ -111,30 +110,7 @@ class RecordingStub:
             return [r for r in self.requests if r["method"] == method and r["path"] == path]
 
 
-# ------------------------------------------------------------------------------ the real router
-class RouterProcess(LaunchedProcess):
-    """The real `sglang_router.launch_router` on 127.0.0.1 in its own process group."""
-
-    name = "router"
-    stop_timeout = 10.0
-
-    def __init__(self, worker_urls: List[str], policy: str = "cache_aware", extra: Optional[List[str]] = None,
-                 timeout: float = 60.0):
-        """`worker_urls` empty: PD mode, the workers come in `extra` (`pd_args`)."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        workers = ["--worker-urls", *worker_urls] if worker_urls else []
-        super().__init__([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
-                          str(self.port), *workers, "--policy", policy, "--prometheus-host",
-                          "127.0.0.1", "--prometheus-port", str(free_port()), "--log-level", "warn",
-                          *(extra or [])], timeout)
-
-    def ready(self) -> bool:
-        import requests
-
-        return requests.get(self.url + "/readiness", timeout=2).status_code == 200
-
-
+# ------------------------------------------------------------------------------ PD mode
 def pd_args(prefill: List[tuple], decode: List[str]) -> List[str]:
     """The router's PD flags: `prefill` as (url, bootstrap port), `decode` urls."""
     out = ["--pd-disaggregation"]

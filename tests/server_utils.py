@@ -3,87 +3,14 @@
 from __future__ import annotations
 
 import glob
-import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LaunchedProcess:
-    """A command in its own process group, its output in a temporary file, waited on (with a
-    deadline) until `ready()`; `stop` ends the whole group (SIGTERM, then SIGKILL)."""
-
-    name = "process"
-    stop_timeout = 20.0
-
-    def __init__(self, cmd: List[str], timeout: float):
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early:\n{self.output()}")
-            try:
-                if self.ready():
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready in {timeout:.0f} s:\n{self.output()}")
-
-    def ready(self) -> bool:
-        raise NotImplementedError
-
-    def output(self) -> str:
-        """The last of what the process printed."""
-        self.log.seek(0)
-        return self.log.read()[-6000:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> Optional[int]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class ServerProcess(LaunchedProcess):
-    """`python -m radixlm.launch_server` on a free loopback port, ready when /health answers 200."""
-
-    name = "server"
-
-    def __init__(self, model_path: str, extra_args: Optional[List[str]] = None, timeout: float = 120.0):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        super().__init__([sys.executable, "-m", "radixlm.launch_server", "--model-path", model_path, "--port",
-                          str(self.port), "--log-level", "warning", *(extra_args or [])], timeout)
-
-    def ready(self) -> bool:
-        return requests.get(self.base_url + "/health", timeout=5).status_code == 200
+from radixlm.bench.launcher import LaunchedProcess, ServerProcess, free_port  # noqa: F401 (re-exported)
 
 
 def _url(server: Union[str, "ServerProcess"]) -> str:

@@ -406,14 +406,14 @@ def main(argv=None) -> int:
                 if s == "hf":
                     m, res = run_hf(args, wl)
                 else:
-                    from radixlm.bench.launcher import LaunchedServer
+                    from radixlm.bench.launcher import ServerProcess
 
                     extra = shlex.split(args.server_args) + SETTING_FLAGS[s]
                     run_args, ready = args, "/health"
                     if s in ROUTER_POLICIES:  # N replicas behind sglang-router, which routes on text
                         extra += ["--dp-size", str(args.dp_size)]
                         run_args, ready = argparse.Namespace(**{**vars(args), "send_text": True}), "/readiness"
-                    with LaunchedServer(args.model_path, extra, ready_path=ready) as srv:
+                    with ServerProcess(args.model_path, extra, timeout=300.0, ready_path=ready) as srv:
                         m, res = run_against_server(run_args, srv.base_url, wl, tokenizer, label=s)
                 m["label"] = s
                 runs[s] = (m, res)
