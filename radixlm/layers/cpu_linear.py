@@ -9,7 +9,8 @@ machine a decode-sized matmul (64 x 768 -> 6144, float32) took 3.1 ms instead of
 summation order (differences ~1e-6). The reference is `F.linear` on the unpacked weight, which
 stays in place (loading, tied embeddings and tests use it); `RADIXLM_DISABLE_CPU_PREPACK=1`
 turns the fast path off. A no-op off the CPU, without oneDNN, or for dtypes other than
-float32/bfloat16. Packed copies double the weights' host memory.
+float32/bfloat16. Packed copies double the weights' host memory. Quantized layers (FP8, with a
+`quant_method`) are skipped: their weights stay in their own format (layers/quantization/fp8.py).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def prepack_model(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if hasattr(module, "cpu_packed_weight"):
+            if getattr(module, "quant_method", None) is not None:
+                module.cpu_packed_weight = None  # never a bf16/fp32 copy of an FP8 weight
+                continue
             module.cpu_packed_weight = prepack_weight(module.weight)
             n += module.cpu_packed_weight is not None
     if n:
