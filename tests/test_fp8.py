@@ -73,7 +73,7 @@ def test_triton_w8a8_gemm_matches_reference():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
-    cases = [(5, [48, 24, 24], 96, (32, 32)), (33, [200], 160, (128, 128)), (1, [64, 64], 64, (16, 16))]
+    cases = [(5, [48, 24, 24], 96, (32, 32)), (33, [200], 160, (128, 128)), (1, [64, 64], 64, (32, 32))]
     for m, pieces, k, block in cases:
         rows = scale_row_index(pieces, block[0])
         parts = [block_quantize(torch.randn(p, k, generator=g), block) for p in pieces]
@@ -298,3 +298,26 @@ def test_dummy_fp8_weights(fp8_models):
     lin = load_model(cfg, "cpu", "dummy").model.layers[0].self_attn.qkv_proj
     w = lin.quant_method.dequantized_weight(lin, torch.float32)
     assert lin.weight.dtype == FP8_DTYPE and 0 < w.abs().max() <= 1e-3 * (1 + 2 ** -4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_gpu_fp8_layer_uses_kernel(m):
+    """On an FP8 GPU a Llama-8B-shaped qkv layer runs the Triton GEMM and matches the W8A8 reference
+    (bf16 output: within 1% of the largest value)."""
+    from radixlm.layers import linear
+    from radixlm.layers.quantization.fp8 import fp8_kernel_usable
+
+    if not fp8_kernel_usable(0, 128):
+        pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    with torch.device("cuda"), quantization_scope(Fp8Config()):
+        qkv = linear.QKVParallelLinear(4096, 128, 32, 8, params_dtype=torch.bfloat16)
+    for i, rows in zip("qkv", (4096, 1024, 1024)):
+        q, s = _fp8((rows, 4096), (128, 128), ord(i))
+        qkv.weight_loader(qkv.weight, q.cuda(), i)
+        qkv.weight_loader(qkv.weight_scale_inv, s.cuda(), i)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    want = w8a8_block_matmul_ref(x, qkv.weight, qkv.weight_scale_inv, (128, 128), qkv.fp8_row_index)
+    got = qkv(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * want.abs().max().item())

@@ -80,15 +80,16 @@ class Fp8Config:
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_kernel_usable(device_index: int) -> bool:
-    """Triton is importable and this GPU has FP8 tensor cores (sm_89 / sm_90 and newer)."""
+def fp8_kernel_usable(device_index: int, block_k: int) -> bool:
+    """Triton is importable, this GPU has FP8 tensor cores (sm_89 / sm_90 and newer) and the kernel
+    takes this block width (fp8_kernel.kernel_supports_block_k)."""
     if torch.cuda.get_device_capability(device_index) < (8, 9):
         return False
     try:
-        import radixlm.layers.quantization.fp8_kernel  # noqa: F401
+        from radixlm.layers.quantization.fp8_kernel import kernel_supports_block_k
     except ImportError:
         return False
-    return True
+    return kernel_supports_block_k(block_k)
 
 
 class Fp8LinearMethod:
@@ -204,7 +205,7 @@ class Fp8LinearMethod:
         return fp8_utils.block_dequantize(layer.weight, layer.weight_scale_inv, self.block, dtype, layer.fp8_row_index)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if x.is_cuda and fp8_kernel_usable(x.device.index if x.device.index is not None else 0):
+        if x.is_cuda and fp8_kernel_usable(x.device.index if x.device.index is not None else 0, self.block[1]):
             from radixlm.layers.quantization.fp8_kernel import fp8_block_linear
 
             y = fp8_block_linear(x, layer.weight, layer.weight_scale_inv, layer.fp8_row_index, self.block[1])

@@ -21,6 +21,11 @@ import triton.language as tl
 from radixlm.layers.quantization.fp8_utils import per_token_group_quantize
 
 
+def kernel_supports_block_k(block_k: int) -> bool:
+    """One K step of the kernel is one scale column: a power of two, at least FP8 MMA's K of 32."""
+    return block_k >= 32 and not block_k & (block_k - 1)
+
+
 @triton.jit
 def _w8a8_block_fp8_matmul(A, B, C, As, Bs, Brow, M, N, K,
                            stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -57,8 +62,8 @@ def w8a8_block_fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, 
     n = wq.shape[0]
     if wq.shape[1] != k:
         raise ValueError(f"fp8 matmul: activations have {k} columns, the weight {wq.shape[1]}")
-    if block_k < 16 or block_k & (block_k - 1):
-        raise ValueError(f"fp8 matmul: block_k {block_k} must be a power of two >= 16 (tl.dot)")
+    if not kernel_supports_block_k(block_k):
+        raise ValueError(f"fp8 matmul: block_k {block_k} must be a power of two >= 32 (FP8 tl.dot)")
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64 if n <= 64 else 128
