@@ -47,6 +47,7 @@ def test_block_roundtrip_error_bound(shape, block):
     nb, kb = -(-shape[0] // block[0]), -(-shape[1] // block[1])
     assert q.dtype == FP8_DTYPE and s.shape == (nb, kb) and s.dtype == torch.float32
     back = block_dequantize(q, s, block)
+    assert torch.equal(back, block_dequantize(q, s, block, row_index=torch.arange(shape[0]) // block[0]))
     s_full = s.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
     bound = torch.maximum(w.abs() * 2 ** -4, s_full * 2 ** -10) * (1 + 1e-6)
     assert ((w - back).abs() <= bound).all()

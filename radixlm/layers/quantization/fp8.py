@@ -113,10 +113,12 @@ class Fp8LinearMethod:
         # --quantization fp8: the scales are computed from the weight, not read from the checkpoint
         layer.weight_scale_inv.filled_by_weight = not self.config.is_checkpoint_fp8_serialized
         layer.register_buffer("fp8_row_index", scale_row_index(piece_rows, bn), persistent=False)
+        # every piece a whole number of blocks: row r's scale row is r // bn (the fast dequantize path)
+        layer.fp8_rows_regular = all(r % bn == 0 for r in piece_rows)
 
     @staticmethod
     def remove_weights(layer: nn.Module) -> None:
-        del layer.weight, layer.weight_scale_inv, layer.fp8_row_index
+        del layer.weight, layer.weight_scale_inv, layer.fp8_row_index, layer.fp8_rows_regular
 
     # ------------------------------------------------------------------ loading
     def _check_aligned(self, layer: nn.Module, dim: str, size: int, count: int, block: int) -> None:
@@ -202,7 +204,8 @@ class Fp8LinearMethod:
 
     # ------------------------------------------------------------------ forward
     def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return fp8_utils.block_dequantize(layer.weight, layer.weight_scale_inv, self.block, dtype, layer.fp8_row_index)
+        rows = None if layer.fp8_rows_regular else layer.fp8_row_index
+        return fp8_utils.block_dequantize(layer.weight, layer.weight_scale_inv, self.block, dtype, rows)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if x.is_cuda and fp8_kernel_usable(x.device.index if x.device.index is not None else 0, self.block[1]):

@@ -62,6 +62,9 @@ def block_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: Sequence[i
     `row_index` [N]: each row's scale row (packed weights, see scale_row_index); default row // bn."""
     bn, bk = int(block[0]), int(block[1])
     n, k = q.shape
+    if row_index is None and n % bn == 0 and k % bk == 0:  # whole blocks: broadcast, no [N, K] scale tensor
+        w = q.view(n // bn, bn, k // bk, bk).to(torch.float32)
+        return w.mul_(scale_inv.float()[:, None, :, None]).view(n, k).to(dtype)
     if row_index is None:
         row_index = torch.arange(n, device=q.device) // bn
     s = scale_inv.float().index_select(0, row_index).repeat_interleave(bk, dim=1)[:, :k]
