@@ -99,11 +99,16 @@ def fp8_models(model_factory, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_fp8_checkpoint_matches_hf_on_dequantized(fp8_models, hf_reference_factory, arch):
+@pytest.mark.parametrize("arch,cache", [("qwen3", False), ("llama", False), ("llama", True)],
+                         ids=["qwen3", "llama", "llama_dequant_cache"])
+def test_fp8_checkpoint_matches_hf_on_dequantized(fp8_models, hf_reference_factory, monkeypatch, arch, cache):
     """radixlm on the fp8 checkpoint (tiny dims: partial 128x128 edge blocks) = HF transformers in
     float32 on the same weights dequantized: greedy tokens identical, logprobs within 1e-4. The
-    weights stay fp8 in memory and are not prepacked for oneDNN."""
+    weights stay fp8 in memory and are not prepacked for oneDNN, unless RADIXLM_FP8_CPU_DEQUANT_CACHE=1
+    keeps (and prepacks) a dequantized copy."""
+    from radixlm.layers.cpu_linear import prepack_available
+
+    monkeypatch.setenv("RADIXLM_FP8_CPU_DEQUANT_CACHE", "1" if cache else "0")
     q, d = fp8_models[arch]
     ref = hf_reference_factory(d)
     prompts = random_prompts(5, [1, 9, 70], ref.model.config.vocab_size)
@@ -113,7 +118,9 @@ def test_fp8_checkpoint_matches_hf_on_dequantized(fp8_models, hf_reference_facto
         eng.check_integrity()
     layer0 = model.model.layers[0]
     for lin in (layer0.self_attn.qkv_proj, layer0.self_attn.o_proj, layer0.mlp.gate_up_proj):
-        assert lin.weight.dtype == FP8_DTYPE and lin.cpu_packed_weight is None
+        assert lin.weight.dtype == FP8_DTYPE
+        assert (lin.fp8_dequant_cache is not None) == cache
+        assert (lin.cpu_packed_weight is not None) == (cache and prepack_available())
     ignored = arch == "qwen3"  # modules_to_not_convert keeps it in the model dtype
     assert (layer0.mlp.down_proj.weight.dtype == torch.float32) == ignored
     assert (model.model.layers[1].mlp.down_proj.weight.dtype == FP8_DTYPE)

@@ -10,7 +10,9 @@ summation order (differences ~1e-6). The reference is `F.linear` on the unpacked
 stays in place (loading, tied embeddings and tests use it); `RADIXLM_DISABLE_CPU_PREPACK=1`
 turns the fast path off. A no-op off the CPU, without oneDNN, or for dtypes other than
 float32/bfloat16. Packed copies double the weights' host memory. Quantized layers (FP8, with a
-`quant_method`) are skipped: their weights stay in their own format (layers/quantization/fp8.py).
+`quant_method`) are skipped: their weights stay in their own format (layers/quantization/fp8.py),
+unless they keep a dequantized copy (`fp8_dequant_cache`, RADIXLM_FP8_CPU_DEQUANT_CACHE=1): that
+copy is what gets packed.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ def prepack_model(model: nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "cpu_packed_weight"):
             if getattr(module, "quant_method", None) is not None:
-                module.cpu_packed_weight = None  # never a bf16/fp32 copy of an FP8 weight
-                continue
-            module.cpu_packed_weight = prepack_weight(module.weight)
+                cache = getattr(module, "fp8_dequant_cache", None)  # never a silent copy of an FP8 weight
+                module.cpu_packed_weight = None if cache is None else prepack_weight(cache)
+            else:
+                module.cpu_packed_weight = prepack_weight(module.weight)
             n += module.cpu_packed_weight is not None
     if n:
         logger.info("prepacked %d linear weights for oneDNN (CPU)", n)

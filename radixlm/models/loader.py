@@ -116,6 +116,9 @@ def load_model(cfg: ModelConfig, device: str, load_format: str = "auto", seed: i
         init_dummy_weights(model, seed)
     else:
         _load_checkpoint(model, cfg, show_progress)
+    for module in model.modules():
+        if getattr(module, "quant_method", None) is not None:
+            module.quant_method.process_weights_after_loading(module)
     if torch.device(device).type == "cpu":
         prepack_model(model)  # oneDNN layout for the CPU matmuls (radixlm/layers/cpu_linear.py)
     return model.eval()

@@ -16,14 +16,20 @@ Forward: on CUDA with FP8 tensor cores (compute capability >= 8.9) the activatio
 token and group of bk columns and the Triton block-scaled GEMM runs (fp8_kernel.py: W8A8, as the
 format's "dynamic" activation scheme means). Elsewhere (the CPU, older GPUs) the reference path
 dequantizes the weight in every forward and runs a plain matmul in the activations' dtype (W8A16):
-the weights stay 1 byte per parameter in memory, which is what an FP8 checkpoint is for; caching a
-dequantized copy would cost as much memory as the bf16 model. FP8 layers are never prepacked for
-oneDNN (layers/cpu_linear.py skips them).
+by default the weights stay 1 byte per parameter in memory, which is what an FP8 checkpoint is for.
+That costs speed on the CPU (torch's fp8 -> float conversion is slow: a 768 x 6144 layer took ~30 ms
+per call vs ~0.6 ms for the prepacked bf16 one at 1 token, docs/benchmarks.md). With
+RADIXLM_FP8_CPU_DEQUANT_CACHE=1 each CPU layer keeps a dequantized copy in the model dtype after
+loading (as much memory as the bf16 model, plus oneDNN's packed copy) and runs the plain prepacked
+matmul on it: same values, bf16 speed. Without the flag FP8 layers are never prepacked for oneDNN
+(layers/cpu_linear.py skips them).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,9 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.layers import cpu_linear
 from radixlm.layers.quantization import fp8_utils
 from radixlm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, block_quantize, cdiv, scale_row_index
 
+logger = logging.getLogger(__name__)
+
+ENV_CPU_DEQUANT_CACHE = "RADIXLM_FP8_CPU_DEQUANT_CACHE"  # 1: CPU layers keep a dequantized copy (speed)
 SUPPORTED_FMTS = ("e4m3",)
 SUPPORTED_ACTIVATION_SCHEMES = ("dynamic",)
 DEFAULT_BLOCK = (128, 128)
@@ -115,10 +125,12 @@ class Fp8LinearMethod:
         layer.register_buffer("fp8_row_index", scale_row_index(piece_rows, bn), persistent=False)
         # every piece a whole number of blocks: row r's scale row is r // bn (the fast dequantize path)
         layer.fp8_rows_regular = all(r % bn == 0 for r in piece_rows)
+        layer.fp8_dequant_cache = None  # set after loading with RADIXLM_FP8_CPU_DEQUANT_CACHE=1 on the CPU
 
     @staticmethod
     def remove_weights(layer: nn.Module) -> None:
         del layer.weight, layer.weight_scale_inv, layer.fp8_row_index, layer.fp8_rows_regular
+        del layer.fp8_dequant_cache
 
     # ------------------------------------------------------------------ loading
     def _check_aligned(self, layer: nn.Module, dim: str, size: int, count: int, block: int) -> None:
@@ -202,6 +214,11 @@ class Fp8LinearMethod:
         else:
             raise AssertionError("unknown FP8 parameter")
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """RADIXLM_FP8_CPU_DEQUANT_CACHE=1 on the CPU: keep the dequantized weight (the model dtype)."""
+        if layer.weight.device.type == "cpu" and os.environ.get(ENV_CPU_DEQUANT_CACHE, "0") not in ("", "0"):
+            layer.fp8_dequant_cache = self.dequantized_weight(layer, layer.params_dtype)
+
     # ------------------------------------------------------------------ forward
     def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         rows = None if layer.fp8_rows_regular else layer.fp8_row_index
@@ -213,6 +230,9 @@ class Fp8LinearMethod:
 
             y = fp8_block_linear(x, layer.weight, layer.weight_scale_inv, layer.fp8_row_index, self.block[1])
             return y if bias is None else y + bias
+        cache = layer.fp8_dequant_cache
+        if cache is not None and cache.dtype == x.dtype:
+            return cpu_linear.linear(x, cache, bias, layer.cpu_packed_weight)
         return F.linear(x, self.dequantized_weight(layer, x.dtype), bias)
 
 
