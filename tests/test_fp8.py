@@ -329,3 +329,13 @@ def test_gpu_fp8_layer_uses_kernel(m):
     want = w8a8_block_matmul_ref(x, qkv.weight, qkv.weight_scale_inv, (128, 128), qkv.fp8_row_index)
     got = qkv(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_tp2_fp8_checkpoint_matches_tp1(model_factory, tmp_path):
+    """2 gloo ranks on an FP8 checkpoint whose per-rank shards are whole 16x16 blocks give the greedy
+    tokens (and logprobs within 1e-3) of one rank."""
+    from tests.test_tensor_parallel import _assert_same, _run
+
+    q = quantize_checkpoint(model_factory("llama", intermediate_size=256), str(tmp_path / "fp8"), (16, 16))
+    prompts = random_prompts(13, [5, 23, 40], 500)
+    _assert_same(_run(q, prompts, dtype="float32"), _run(q, prompts, dtype="float32", tp_size=2))

@@ -88,6 +88,8 @@ def dequantize_checkpoint(src: str, dst: str) -> str:
         scale = tensors.get(name + "_scale_inv")
         out[name] = block_dequantize(t, scale, block, torch.float32) if scale is not None else t.float()
     config["torch_dtype"] = "float32"
+    if "dtype" in config:  # newer transformers' spelling
+        config["dtype"] = "float32"
     return _save(dst, out, config)
 
 

@@ -39,7 +39,7 @@ def block_quantize(w: torch.Tensor, block: Sequence[int]) -> Tuple[torch.Tensor,
     bn, bk = int(block[0]), int(block[1])
     n, k = w.shape
     nb, kb = cdiv(n, bn), cdiv(k, bk)
-    x = _pad_to(w.float(), nb * bn, kb * bk).view(nb, bn, kb, bk)
+    x = _pad_to(w.float(), nb * bn, kb * bk).reshape(nb, bn, kb, bk)
     amax = x.abs().amax(dim=(1, 3)).clamp_min(_EPS)  # [nb, kb]
     scale = amax / FP8_MAX
     q = (x / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -76,7 +76,7 @@ def per_token_group_quantize(x: torch.Tensor, group: int) -> Tuple[torch.Tensor,
     `group` columns (the last one partial) scaled by their own amax / 448."""
     m, k = x.shape
     g = cdiv(k, group)
-    xp = _pad_to(x.float(), m, g * group).view(m, g, group)
+    xp = _pad_to(x.float(), m, g * group).reshape(m, g, group)
     scale = xp.abs().amax(dim=2).clamp_min(_EPS) / FP8_MAX
     q = (xp / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.view(m, g * group)[:, :k].contiguous(), scale
