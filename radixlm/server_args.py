@@ -48,6 +48,12 @@ def _grammar_backends():
     return GRAMMAR_BACKENDS
 
 
+def _quantization_methods():
+    from radixlm.layers.quantization import QUANTIZATION_METHODS
+
+    return QUANTIZATION_METHODS
+
+
 def _tool_call_parsers():
     from radixlm.entrypoints.openai.tool_parser import TOOL_CALL_PARSERS
 
@@ -93,6 +99,10 @@ class ServerArgs:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
     load_format: str = opt("auto", "dummy = random weights of the config's shape, no weight file read "
                                    "(benchmarks).", choices=LOAD_FORMATS)
+    quantization: Optional[str] = opt(None, "Weight quantization: fp8 = block-quantize a bf16/fp32 checkpoint's "
+                                            "linear layers to FP8 (e4m3, 128x128 blocks) while loading. An FP8 "
+                                            "checkpoint (quantization_config in config.json) needs no flag.",
+                                      choices=_quantization_methods)
     trust_remote_code: bool = opt(False, "Allow custom tokenizer code in the checkpoint.")
     skip_tokenizer_init: bool = opt(False, "No tokenizer: requests must carry input_ids, responses carry no "
                                            "text.")

@@ -9,7 +9,10 @@ machine a decode-sized matmul (64 x 768 -> 6144, float32) took 3.1 ms instead of
 summation order (differences ~1e-6). The reference is `F.linear` on the unpacked weight, which
 stays in place (loading, tied embeddings and tests use it); `RADIXLM_DISABLE_CPU_PREPACK=1`
 turns the fast path off. A no-op off the CPU, without oneDNN, or for dtypes other than
-float32/bfloat16. Packed copies double the weights' host memory.
+float32/bfloat16. Packed copies double the weights' host memory. Quantized layers (FP8, with a
+`quant_method`) are skipped: their weights stay in their own format (layers/quantization/fp8.py),
+unless they keep a dequantized copy (`fp8_dequant_cache`, RADIXLM_FP8_CPU_DEQUANT_CACHE=1): that
+copy is what gets packed.
 """
 
 from __future__ import annotations
@@ -67,7 +70,11 @@ def prepack_model(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if hasattr(module, "cpu_packed_weight"):
-            module.cpu_packed_weight = prepack_weight(module.weight)
+            if getattr(module, "quant_method", None) is not None:
+                cache = getattr(module, "fp8_dequant_cache", None)  # never a silent copy of an FP8 weight
+                module.cpu_packed_weight = None if cache is None else prepack_weight(cache)
+            else:
+                module.cpu_packed_weight = prepack_weight(module.weight)
             n += module.cpu_packed_weight is not None
     if n:
         logger.info("prepacked %d linear weights for oneDNN (CPU)", n)

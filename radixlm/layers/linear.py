@@ -6,6 +6,11 @@ fewer KV heads than ranks), `RowParallelLinear` (input dim split; its partial su
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that takes the full checkpoint
 tensor and copies this rank's shard, so the model loader puts HF's separate q/k/v or gate/up
 tensors into the packed parameter without knowing its layout or the rank.
+
+Quantization: a layer built inside `quantization_scope` (layers/quantization) takes that method's
+weight (block-FP8: `weight` in float8_e4m3fn plus `weight_scale_inv`); its loaders and forward are
+then the method's, and `drop_quantization()` turns it back into a plain layer (modules a checkpoint
+keeps in bf16).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 
 from radixlm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
 from radixlm.layers import cpu_linear
+from radixlm.layers.quantization import current_linear_method
 
 
 def _attach(param: nn.Parameter, loader) -> nn.Parameter:
@@ -45,7 +51,37 @@ def kv_head_sharding(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> T
     return 1, rank // (tp // num_kv_heads)
 
 
-class ColumnParallelLinear(nn.Module):
+class _LinearBase(nn.Module):
+    """The weight of a linear layer: plain [rows, cols] in params_dtype, or the current quantization
+    method's parameters (`quant_method` not None)."""
+
+    def _create_weight(self, piece_rows: List[int], cols: int, dtype: torch.dtype) -> None:
+        self.params_dtype = dtype
+        self._piece_rows, self._cols = list(piece_rows), cols
+        self.quant_method = current_linear_method()
+        if self.quant_method is not None:
+            self.quant_method.create_weights(self, piece_rows, cols)
+        else:
+            self.weight = _attach(nn.Parameter(torch.empty(sum(piece_rows), cols, dtype=dtype), requires_grad=False),
+                                  self.weight_loader)
+
+    def drop_quantization(self) -> None:
+        """A plain weight in params_dtype instead of the quantized one (before loading)."""
+        if self.quant_method is None:
+            return
+        device = self.weight.device
+        self.quant_method.remove_weights(self)
+        self.quant_method = None
+        self.weight = _attach(nn.Parameter(torch.empty(sum(self._piece_rows), self._cols, dtype=self.params_dtype,
+                                                       device=device), requires_grad=False), self.weight_loader)
+
+    def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, bias)
+        return cpu_linear.linear(x, self.weight, bias, self.cpu_packed_weight)
+
+
+class ColumnParallelLinear(_LinearBase):
     """y = x W^T + b with W's output rows split over the tensor-parallel ranks. The packed pieces
     (`output_sizes`, full sizes) are each split evenly; `shards` overrides that with explicit
     (rows on this rank, shard index, number of shards) per piece (QKV's replicated KV heads)."""
@@ -65,19 +101,21 @@ class ColumnParallelLinear(nn.Module):
         self.output_sizes = [size for size, _, _ in shards]  # per-rank shard sizes
         out = sum(self.output_sizes)
         dtype = params_dtype or torch.get_default_dtype()
-        self.weight = _attach(nn.Parameter(torch.empty(out, input_size, dtype=dtype), requires_grad=False),
-                              self.weight_loader)
+        self._create_weight(self.output_sizes, input_size, dtype)
         self.bias = (_attach(nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False), self.weight_loader)
                      if bias else None)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
         if shard_id is None and len(self.shards) > 1:
-            if get_tp_size() == 1:  # an already packed tensor
+            if get_tp_size() == 1 and (self.quant_method is None or param is self.bias):  # an already packed tensor
                 default_weight_loader(param, loaded)
                 return
-            raise ValueError("with tp_size > 1 a packed layer loads its pieces by shard id")
+            raise ValueError("a packed layer loads its pieces by shard id with tp_size > 1 or a quantized weight")
         shard_id = shard_id or 0
+        if self.quant_method is not None and param is not self.bias:
+            self.quant_method.load_column_piece(self, param, loaded, shard_id)
+            return
         size, index, count = self.shards[shard_id]
         if loaded.shape[0] != size * count:
             raise ValueError(f"checkpoint shard has {loaded.shape[0]} rows, expected {size * count}")
@@ -85,7 +123,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, index * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.bias, self.cpu_packed_weight)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -112,7 +150,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().weight_loader(param, loaded, idx)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_LinearBase):
     """y = x W^T + b with W's input columns split over the ranks; the partial products are summed
     by an all-reduce, then the bias (whole on every rank) is added once."""
 
@@ -124,13 +162,15 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input size {input_size} is not divisible by tp_size {tp}")
         self.input_size_per_rank = input_size // tp
         dtype = params_dtype or torch.get_default_dtype()
-        self.weight = _attach(nn.Parameter(torch.empty(output_size, self.input_size_per_rank, dtype=dtype),
-                                           requires_grad=False), self.weight_loader)
+        self._create_weight([output_size], self.input_size_per_rank, dtype)
         self.bias = (_attach(nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False),
                              default_weight_loader) if bias else None)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if self.quant_method is not None:
+            self.quant_method.load_row(self, param, loaded, get_tp_size(), get_tp_rank())
+            return
         size = self.input_size_per_rank
         if loaded.shape[1] != size * get_tp_size() or loaded.shape[0] != param.shape[0]:
             raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs parameter {tuple(param.shape)} "
@@ -138,7 +178,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, get_tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(cpu_linear.linear(x, self.weight, None, self.cpu_packed_weight))
+        y = tp_all_reduce(self._matmul(x, None))
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -56,7 +56,7 @@ def create_model_runner(args: ServerArgs, tp_rank: int = 0, peers_alive=None):
     from radixlm.models.model_config import ModelConfig
 
     model_config = ModelConfig.from_path(args.model_path, args.dtype, args.context_length,
-                                         device=rank_device(args, tp_rank))
+                                         device=rank_device(args, tp_rank), quantization=args.quantization)
     return ModelRunner(model_config, derive_config(
         RunnerConfig, args, device=rank_device(args, tp_rank), max_running_requests=args.resolved_max_running_requests,
         tp_rank=tp_rank), peers_alive=peers_alive)

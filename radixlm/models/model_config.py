@@ -1,7 +1,9 @@
 """ModelConfig: the facts about a checkpoint that the engine needs, read from its config.json
 (and generation_config.json) without importing transformers.
 
-Owns architecture name, shapes, rope settings, dtype, context length and EOS ids.
+Owns architecture name, shapes, rope settings, dtype, context length, EOS ids and the weight
+quantization (`quant_config`: the checkpoint's quantization_config, or `--quantization`; parsed and
+checked by radixlm/layers/quantization).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from radixlm.layers.quantization import parse_quant_config
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -74,12 +78,15 @@ class ModelConfig:
     dtype: torch.dtype
     context_len: int
     eos_token_ids: List[int] = field(default_factory=list)
+    quant_config: Optional[Any] = None  # layers.quantization.Fp8Config, or None: unquantized
 
     @classmethod
     def from_path(cls, model_path: str, dtype: str = "auto", context_length: Optional[int] = None,
-                  overrides: Optional[Dict[str, Any]] = None, device: Optional[str] = None) -> "ModelConfig":
+                  overrides: Optional[Dict[str, Any]] = None, device: Optional[str] = None,
+                  quantization: Optional[str] = None) -> "ModelConfig":
         """`device`: where the model will run (dtype auto turns a float32 checkpoint into bfloat16 on
-        CUDA only); None = CUDA when available. A hub id is resolved first (radixlm/models/hub.py)."""
+        CUDA only); None = CUDA when available. A hub id is resolved first (radixlm/models/hub.py).
+        `quantization`: SGLang's --quantization (None: the checkpoint's own quantization_config)."""
         if not os.path.isdir(model_path):
             from radixlm.models.hub import resolve_model_path
 
@@ -93,6 +100,7 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError(f"{path}: 'architectures' is missing")
+        quant_config = parse_quant_config(cfg, archs[0], quantization)
         if dtype == "auto":
             torch_dtype = auto_dtype(cfg, device)
         else:
@@ -109,7 +117,7 @@ class ModelConfig:
                 gen_eos = json.load(f).get("eos_token_id")
             eos = gen_eos if gen_eos is not None else eos
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        return cls(model_path, archs[0], cfg, torch_dtype, max_pos, eos_ids)
+        return cls(model_path, archs[0], cfg, torch_dtype, max_pos, eos_ids, quant_config)
 
     # ------------------------------------------------------------------ shapes
     def get(self, key: str, default: Any = None) -> Any:
