@@ -77,6 +77,7 @@ class Req:
     priority: Optional[int] = None  # SGLang's `priority` (--enable-priority-scheduling); None counts as 0
     cache_namespace: Optional[tuple] = None  # radix-cache namespace (extra_key, cache_salt); None: shared
     stop_regexes: List[Any] = field(default_factory=list)  # compiled stop_regex (sampling_params.StopRegex)
+    lora_path: Optional[str] = None  # LoRA adapter name (None: the base model)
 
     output_ids: List[int] = field(default_factory=list)
     finished_reason: Optional[FinishReason] = None

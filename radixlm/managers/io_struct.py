@@ -37,12 +37,13 @@ class TokenizedGenerateReqInput:
     extra_key: Optional[str] = None  # with cache_salt: the request's radix-cache namespace
     cache_salt: Optional[str] = None
     priority: Optional[int] = None  # --enable-priority-scheduling
+    lora_path: Optional[str] = None  # LoRA adapter name (None: the base model)
 
     @property
     def cache_namespace(self) -> Optional[tuple]:
         """None (the shared namespace) or the (extra_key, cache_salt) the request's KV is cached under."""
         if self.extra_key is None and self.cache_salt is None:
-            return None
+            return None  # (a LoRA adapter's requests get one of its own in the scheduler)
         return (self.extra_key, self.cache_salt)
 
 
@@ -72,6 +73,24 @@ class GetInternalStateReq:
 @dataclass
 class GetInternalStateReqOutput:
     state: Dict[str, Any]
+    req_id: int = 0
+
+
+@dataclass
+class LoRAAdapterReq:
+    """Load (lora_name from lora_path) or unload (lora_name) a LoRA adapter at run time."""
+
+    action: str  # load | unload
+    lora_name: str
+    lora_path: str = ""
+    req_id: int = 0
+
+
+@dataclass
+class LoRAAdapterReqOutput:
+    success: bool
+    error_message: str = ""
+    loaded_adapters: Dict[str, str] = field(default_factory=dict)  # name -> path
     req_id: int = 0
 
 
@@ -116,7 +135,8 @@ class BatchStrOut:
 
 
 MESSAGE_TYPES = (TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
-                 GetInternalStateReqOutput, SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
+                 GetInternalStateReqOutput, LoRAAdapterReq, LoRAAdapterReqOutput,
+                 SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
 _ALLOWED = {f"{c.__module__}.{c.__qualname__}" for c in MESSAGE_TYPES + (ReqOutput, FinishReason, SamplingParams)}
 
 
@@ -172,6 +192,7 @@ def to_req(msg: TokenizedGenerateReqInput):
     req.logprob_start_len = msg.logprob_start_len
     req.cache_namespace = msg.cache_namespace
     req.priority = msg.priority
+    req.lora_path = msg.lora_path
     if sp.stop_regex_strs:  # compiled once per request, here in the scheduler (never on the server's loop)
         req.stop_regexes = compile_stop_regexes(sp.stop_regex_strs)
     if sp.sampling_seed is not None:

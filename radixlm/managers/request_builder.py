@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
@@ -80,6 +80,8 @@ class RequestBuilder:
         self.grammar_backend = grammar_backend
         self.limits = limits or RequestLimits()
         self.enable_priority_scheduling = enable_priority_scheduling
+        # LoRA adapter names a request may pick (set by the owner with --enable-lora; None: LoRA off)
+        self.lora_names: Optional[Callable[[], Collection[str]]] = None
         self._max_token_chars: Optional[int] = None
 
     @classmethod
@@ -117,7 +119,7 @@ class RequestBuilder:
     # ------------------------------------------------------------------ build
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
               top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False,
-              extra_key=None, cache_salt=None, priority: Optional[int] = None,
+              extra_key=None, cache_salt=None, priority: Optional[int] = None, lora_path=None,
               ) -> Tuple[List[TokenizedGenerateReqInput], bool]:
         """Returns (messages, batched). A prompt with n samples gives n consecutive messages.
         `extra_key` / `cache_salt` (a string, or one per prompt) put a prompt in its own radix-cache
@@ -155,6 +157,7 @@ class RequestBuilder:
         extra_keys = self._per_prompt(extra_key, "extra_key", n_prompts, batched)
         salts = self._per_prompt(cache_salt, "cache_salt", n_prompts, batched)
         priority = self._priority(priority)
+        loras = self._lora_paths(lora_path, n_prompts, batched)
         # sampling params first: they are cheap, and a bad one should not cost a tokenization
         sp_objs = []
         for sp_dict in sps:
@@ -177,7 +180,7 @@ class RequestBuilder:
         else:
             ids_list = input_ids if batched else [input_ids]
         msgs: List[TokenizedGenerateReqInput] = []
-        for ids, sp, r, ek, salt in zip(ids_list, sp_objs, rids, extra_keys, salts):
+        for ids, sp, r, ek, salt, lora in zip(ids_list, sp_objs, rids, extra_keys, salts, loras):
             ids = self.validate_ids(ids, sp)
             if return_logprob and logprob_start_len >= len(ids):
                 raise ValueError(f"logprob_start_len ({logprob_start_len}) is higher than the number of input "
@@ -187,7 +190,7 @@ class RequestBuilder:
                     rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp,
                     return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
                     logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i,
-                    extra_key=ek, cache_salt=salt, priority=priority))
+                    extra_key=ek, cache_salt=salt, priority=priority, lora_path=lora))
         if len({m.rid for m in msgs}) != len(msgs):
             raise ValueError("rid: request ids must be unique")
         return msgs, batched
@@ -210,6 +213,24 @@ class RequestBuilder:
             if len(v) > 4096:
                 raise ValueError(f"{field}: {len(v)} characters; at most 4096")
         return [v or None for v in vals]
+
+    def _lora_paths(self, value: Any, n: int, batched: bool) -> List[Optional[str]]:
+        """SGLang's lora_path: an adapter name (or null: the base model), or one per prompt."""
+        vals = value if isinstance(value, list) and batched else [value] * n
+        if len(vals) != n:
+            raise ValueError(f"lora_path: a list of {n} adapter names (or nulls) is required for {n} prompts")
+        if all(v is None for v in vals):
+            return list(vals)
+        if self.lora_names is None:
+            raise ValueError("lora_path: LoRA is not enabled on this server (--enable-lora / --lora-paths)")
+        known = self.lora_names()
+        for v in vals:
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"lora_path must be an adapter name or null, got {type(v).__name__}")
+            if v is not None and v not in known:
+                raise ValueError(f"lora_path: unknown LoRA adapter {v[:200]!r} (loaded: "
+                                 f"{', '.join(sorted(known)) or 'none'})")
+        return list(vals)
 
     def _priority(self, priority: Any) -> Optional[int]:
         if priority is None:

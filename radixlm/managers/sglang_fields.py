@@ -30,6 +30,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "return_text_in_logprobs": HANDLED,
     "extra_key": HANDLED, "cache_salt": HANDLED,  # separate radix-cache namespaces
     "priority": HANDLED,  # with --enable-priority-scheduling
+    "lora_path": HANDLED,  # adapter name per prompt, with --enable-lora
     # harmless metadata
     "model": METADATA, "log_metrics": METADATA, "no_logs": METADATA, "custom_labels": METADATA,
     "received_time": METADATA, "routing_key": METADATA, "conversation_id": METADATA,
@@ -43,7 +44,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "return_flat_raw_top_logprobs_b64": UNSUPPORTED, "return_hidden_states": UNSUPPORTED,
     "return_routed_experts": UNSUPPORTED, "routed_experts_start_len": UNSUPPORTED,
     "return_indexer_topk": UNSUPPORTED, "modalities": UNSUPPORTED, "session_params": UNSUPPORTED,
-    "lora_path": UNSUPPORTED, "lora_id": UNSUPPORTED, "custom_logit_processor": UNSUPPORTED,
+    "lora_id": UNSUPPORTED, "custom_logit_processor": UNSUPPORTED,
     "positional_embed_overrides": UNSUPPORTED, "bootstrap_host": UNSUPPORTED, "bootstrap_port": UNSUPPORTED,
     "bootstrap_room": UNSUPPORTED, "bootstrap_pair_key": UNSUPPORTED, "decode_tp_size": UNSUPPORTED,
     "routed_dp_rank": UNSUPPORTED, "data_parallel_rank": UNSUPPORTED, "disagg_prefill_dp_rank": UNSUPPORTED,

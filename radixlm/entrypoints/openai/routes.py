@@ -28,7 +28,9 @@ def register_openai_routes(app: FastAPI, tm) -> None:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [card()]}
+        adapters = [dict(card(), id=f"{tm.served_model_name}:{n}", root=path, parent=tm.served_model_name)
+                    for n, path in sorted(tm.lora.adapters.items())]  # SGLang's "base:adapter" names
+        return {"object": "list", "data": [card()] + adapters}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str):
