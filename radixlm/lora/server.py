@@ -4,8 +4,8 @@ Scheduler side (`handle_lora_request`, `load_adapter_in_scheduler`, `unload_adap
 runs between steps on the scheduler's thread; an unload is refused while a queued or running request
 uses the adapter (the client retries when they finish). Server side (`LoRARegistry`): the adapter
 names the tokenizer manager accepts in `lora_path` (so an unknown name is a 400 before anything is
-queued), kept in step with the scheduler's answers, and the HTTP routes `/load_lora_adapter` and
-`/unload_lora_adapter` (SGLang's bodies and `{success, error_message, loaded_adapters}` answers).
+queued), kept in step with the scheduler's answers, and the calls behind the HTTP routes
+`/load_lora_adapter` and `/unload_lora_adapter` (entrypoints/lora_routes.py).
 """
 
 from __future__ import annotations
@@ -110,29 +110,3 @@ async def unload_lora_adapter(tm, body: dict):
     if out.success:
         reg.adapters = dict(out.loaded_adapters)
     return out
-
-
-def register_lora_routes(app) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-
-    from radixlm.entrypoints.http_responses import json_body
-
-    async def run(request: Request, fn):
-        tm = request.app.state.tm
-        try:
-            out = await fn(tm, await json_body(request))
-        except ValueError as e:  # LoRAError, or a body that is not a JSON object
-            return JSONResponse({"success": False, "error_message": str(e), "loaded_adapters": tm.lora.adapters},
-                                status_code=400)
-        return JSONResponse({"success": out.success, "error_message": out.error_message,
-                             "loaded_adapters": tm.lora.adapters}, status_code=200 if out.success else 400)
-
-    async def load(request: Request):
-        return await run(request, load_lora_adapter)
-
-    async def unload(request: Request):
-        return await run(request, unload_lora_adapter)
-
-    app.add_api_route("/load_lora_adapter", load, methods=["POST"])
-    app.add_api_route("/unload_lora_adapter", unload, methods=["POST"])

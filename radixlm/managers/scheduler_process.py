@@ -98,7 +98,7 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
         debug_integrity_check=args.enable_debug_integrity_check,
-        max_loras_per_batch=args.max_loras_per_batch if args.enable_lora else None),
+        lora_slots=args.max_loras_per_batch if args.enable_lora else None),
         model_config.context_len, decode_tail, encode_text, grammar_factory)
 
 

@@ -134,7 +134,7 @@ class PrefillBuilder:
     def _lora_fits(self, req: Req, admitted: List[Req]) -> bool:
         """Whether the live requests' distinct adapters (the base counts as one) stay within
         --max-loras-per-batch with `req` added: every decode and mixed step then fits the slots."""
-        cap = self.cfg.max_loras_per_batch
+        cap = self.cfg.lora_slots
         if cap is None:
             return True
         active = {r.lora_path for r in self.q.running} | {r.lora_path for r in admitted}

@@ -64,7 +64,7 @@ class SchedulerConfig:
     debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
     enable_priority_scheduling: bool = False  # waiting requests ordered by `priority` first
     schedule_low_priority_values_first: bool = False  # with it: lower values first (SGLang's flag)
-    max_loras_per_batch: Optional[int] = None  # distinct adapters (the base counts) among running requests
+    lora_slots: Optional[int] = None  # --max-loras-per-batch with LoRA on: distinct adapters (base counts) running
 
     @property
     def priority_sign(self) -> int:
