@@ -11,7 +11,7 @@ base layers themselves are not changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class LoRABatchInfo:
     seg_slots: List[int]
     seg_indptr: torch.Tensor  # int32 [G+1] on the device
     seg_slots_t: torch.Tensor  # int32 [G] on the device
-    groups: List[Tuple[int, torch.Tensor]]  # (slot, int64 row indices) for every slot used
+    groups: List[Tuple[int, Union[torch.Tensor, slice]]]  # (slot, its rows: int64 indices or one range)
     backend: str = "torch"  # torch | triton
 
     @property
@@ -55,7 +55,8 @@ class LoRABatchInfo:
         for s, a, b in zip(seg_slots, indptr, indptr[1:]):
             if s >= 0:
                 rows.setdefault(s, []).extend(range(a, b))
-        groups = [(s, torch.tensor(r, dtype=torch.long, device=device)) for s, r in rows.items()]
+        groups = [(s, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else
+                   torch.tensor(r, dtype=torch.long, device=device)) for s, r in rows.items()]
         return cls(seg_lens, seg_slots, torch.tensor(indptr, dtype=torch.int32, device=device),
                    torch.tensor(seg_slots, dtype=torch.int32, device=device), groups, backend)
 

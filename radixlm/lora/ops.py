@@ -13,7 +13,7 @@ base model, no delta). For piece p: delta[i, piece p] = B[s, piece p] @ (A[s, p]
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -36,12 +36,17 @@ def lora_delta_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, piec
 
 
 def lora_delta_grouped(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, pieces: Pieces,
-                       groups: List[Tuple[int, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
-    """Adds the delta into `out` [T, out]; `groups` = [(slot, row indices)] of the adapters in the batch."""
+                       groups: List[Tuple[int, Union[torch.Tensor, slice]]], out: torch.Tensor) -> torch.Tensor:
+    """Adds the delta into `out` [T, out]; `groups` = [(slot, its rows)] of the adapters in the batch,
+    the rows as int64 indices (gathered and scattered back) or one contiguous range (sliced)."""
     R = B.shape[2]
     for slot, rows in groups:
-        xs = x.index_select(0, rows)
+        xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
         h = xs @ A[slot].t()  # shrink: [n, P*R]
         parts = [h[:, p * R:(p + 1) * R] @ B[slot, off:off + size].t() for p, (off, size) in enumerate(pieces)]
-        out.index_add_(0, rows, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        d = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if isinstance(rows, slice):
+            out[rows] += d
+        else:
+            out.index_add_(0, rows, d)
     return out
