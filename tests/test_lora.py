@@ -219,6 +219,7 @@ def test_server_routes_load_unload_and_errors(lora_env, tmp_path):
         url = srv.base_url
         models = requests.get(url + "/v1/models", timeout=30).json()["data"]
         assert [m["id"] for m in models] == [path, f"{path}:all8"]
+        assert requests.get(url + f"/v1/models/{path}:all8", timeout=30).json()["parent"] == path
         r = requests.post(url + "/load_lora_adapter", json={"lora_name": "qv16", "lora_path": dirs["qv16"]},
                           timeout=60)
         assert r.status_code == 200, r.text

@@ -99,7 +99,8 @@ def main(argv=None) -> None:
             rows.append(("base, LoRA on", run(eng, prompts, [None] * len(prompts), args.output_len, args.repeats)))
             rows.append(("one adapter", run(eng, prompts, [names[0]] * len(prompts), args.output_len, args.repeats)))
             mix = [([None] + names)[i % (len(names) + 1)] for i in range(len(prompts))]
-            rows.append((f"{len(names)} adapters + base, round-robin", run(eng, prompts, mix, args.output_len, args.repeats)))
+            rows.append((f"{len(names)} adapters + base, round-robin",
+                         run(eng, prompts, mix, args.output_len, args.repeats)))
     base = rows[0][1]["output_tokens_per_s"]
     print(f"model {os.path.basename(path.rstrip('/'))}, {args.num_prompts} requests x {args.input_len} in / "
           f"{args.output_len} out, rank {args.rank}\n")
