@@ -83,6 +83,7 @@ class Req:
     bootstrap_host: Optional[str] = None  # PD disaggregation: the prefill worker's bootstrap server and the
     bootstrap_port: Optional[int] = None  # room pairing this request's prefill and decode halves
     bootstrap_room: Optional[int] = None
+    lora_path: Optional[str] = None  # LoRA adapter name (None: the base model)
 
     output_ids: List[int] = field(default_factory=list)
     finished_reason: Optional[FinishReason] = None

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from radixlm.server_args import ServerArgs, choices_of, cli_fields
 
 GROUP_HELP = {"limits": "Every limit is answered with a 4xx naming the field (docs/limits.md).",
+              "lora": "Multi-LoRA serving: adapters picked per request with lora_path.",
               "parallelism": "Tensor parallelism (ranks of one model) and data parallelism (replicas behind "
                              "sglang-router).",
               "disaggregation": "Prefill/decode disaggregation behind sglang-router --pd-disaggregation "
@@ -43,6 +44,8 @@ def make_parser() -> argparse.ArgumentParser:
             target.add_argument(*flags, action="store_true", help=m["help"])
             continue
         kw: Dict[str, Any] = {"type": kind, "default": f.default, "help": m["help"]}
+        if typing.get_origin(kind) is tuple:  # Tuple[str, ...]: one or more values after the flag
+            kw.update(type=str, nargs="+")
         if f.default is not None:
             kw["help"] += " (default %(default)s)"
         choices = choices_of(f)

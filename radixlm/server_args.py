@@ -206,6 +206,23 @@ class ServerArgs:
                                                 "deepseek-r1 (the output starts inside the block), qwen3 (inside it "
                                                 "unless chat_template_kwargs.enable_thinking is false).",
                                           choices=_reasoning_parsers)
+    # multi-LoRA (radixlm/lora/)
+    enable_lora: bool = opt(False, "Serve LoRA adapters of the base model (on when --lora-paths is given).",
+                                      group="lora")
+    lora_paths: Optional[Tuple[str, ...]] = opt(None, "Adapters to load at start-up: NAME=PATH (a PEFT directory: "
+                                                      "adapter_config.json + adapter_model.safetensors) or PATH.",
+                                                group="lora")
+    max_loras_per_batch: int = opt(8, "Adapter slots on the device: most distinct adapters in one batch (the "
+                                      "base model counts as one).", ge=1, group="lora")
+    max_lora_rank: Optional[int] = opt(None, "Largest adapter rank (default: the largest of --lora-paths, or 64).",
+                                       ge=1, group="lora")
+    lora_target_modules: Optional[Tuple[str, ...]] = opt(None, "Modules adapters may target: q_proj k_proj v_proj "
+                                                               "o_proj gate_proj up_proj down_proj qkv_proj "
+                                                               "gate_up_proj all (default: those of --lora-paths, "
+                                                               "all when none).", group="lora")
+    lora_backend: str = opt("auto", "LoRA kernels: torch (segment-grouped matmuls), triton (segmented GEMM "
+                                    "kernels, CUDA); auto = triton on CUDA.", choices=("auto", "torch", "triton"),
+                            group="lora")
     # server
     host: str = opt("127.0.0.1", "Address to bind.")
     port: int = opt(30000, "Port to bind.", ge=0, le=65535)
@@ -244,6 +261,7 @@ class ServerArgs:
             object.__setattr__(self, "log_level", self.log_level.lower())
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
+        self._check_lora()
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank: {self.node_rank} is not below nnodes ({self.nnodes})")
         if self.tp_size % self.nnodes:
@@ -266,6 +284,25 @@ class ServerArgs:
             raise ValueError(f"disaggregation_mode: {self.disaggregation_mode} with tp_size {self.tp_size} / dp_size "
                              f"{self.dp_size} is not supported (PD workers run one rank each; start more workers "
                              "behind the router instead)")
+
+    def _check_lora(self) -> None:
+        for name in ("lora_paths", "lora_target_modules"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        if self.lora_paths:  # SGLang: adapters given turn LoRA on
+            object.__setattr__(self, "enable_lora", True)
+        if not self.enable_lora:
+            return
+        from radixlm.lora.adapter import TARGET_CHOICES
+        from radixlm.lora.manager import parse_lora_paths
+
+        parse_lora_paths(self.lora_paths)  # NAME=PATH items, names unique
+        bad = [m for m in self.lora_target_modules or () if m not in TARGET_CHOICES]
+        if bad:
+            raise ValueError(f"lora_target_modules: {', '.join(map(repr, bad))} not among {', '.join(TARGET_CHOICES)}")
+        if self.tp_size > 1:
+            raise ValueError("enable_lora: LoRA adapters are supported with tp_size 1 only")
 
     def replace(self, **kw) -> "ServerArgs":
         return dataclasses.replace(self, **kw)

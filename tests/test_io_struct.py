@@ -23,6 +23,8 @@ from radixlm.managers.io_struct import (
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    LoRAAdapterReq,
+    LoRAAdapterReqOutput,
     SchedulerReady,
     StrOut,
     TokenizedGenerateReqInput,
@@ -49,7 +51,7 @@ def _samples():
     return {
         TokenizedGenerateReqInput: TokenizedGenerateReqInput(
             rid="req-ü-1", input_ids=[1, 2, 3, 514, 0], sampling_params=sp, return_logprob=True,
-            top_logprobs_num=3, logprob_start_len=2, stream=True, seed_offset=4),
+            top_logprobs_num=3, logprob_start_len=2, stream=True, seed_offset=4, lora_path="sql-ü"),
         AbortReq: AbortReq(rid="abc", abort_all=True),
         FlushCacheReq: FlushCacheReq(),
         FlushCacheReqOutput: FlushCacheReqOutput(False, "Cache not flushed: requests are running or waiting."),
@@ -57,6 +59,9 @@ def _samples():
         GetInternalStateReqOutput: GetInternalStateReqOutput(
             {"max_total_num_tokens": 32768, "token_usage": 0.125, "cache_hit_rate": 0.5, "nested": {"a": [1, 2]},
              "none": None, "tuple": (1, "x"), "set": {3, 4}}),
+        LoRAAdapterReq: LoRAAdapterReq("load", "sql", "/adapters/sql", req_id=7),
+        LoRAAdapterReqOutput: LoRAAdapterReqOutput(False, "adapter 'x': rank 64 is above --max-lora-rank 16",
+                                                   {"sql": "/adapters/sql"}, req_id=7),
         SchedulerReady: SchedulerReady(True, info={"max_total_num_tokens": 100, "context_len": 2048},
                                        error="no error"),
         DetokenizeParams: detok,

@@ -90,7 +90,7 @@ def test_defaults_accepted_non_defaults_named():
                           "routed_experts_start_len": 0, "custom_labels": {"team": "x"}, "model": "m"})
     sf.check_generate_fields(every_default)
     for name, value in [("background", True), ("return_hidden_states", True), ("return_entropy", True),
-                        ("image_data", "data:image/png;base64,AA"), ("lora_path", ["a", None]),
+                        ("image_data", "data:image/png;base64,AA"), ("lora_id", "a"),
                         ("session_params", {"id": "s"}), ("bootstrap_pair_key", "k"), ("routed_dp_rank", 1),
                         ("input_embeds", [[0.1]]), ("return_prompt_token_ids", True)]:
         with pytest.raises(ValueError, match=f"^{name}: "):

@@ -17,6 +17,7 @@ from radixlm.core import ForwardMode
 
 if TYPE_CHECKING:
     from radixlm.attention.base import AttentionBackend
+    from radixlm.lora.layers import LoRABatchInfo
     from radixlm.mem.kv_pool import MHATokenToKVPool, ReqToTokenPool
 
 
@@ -36,6 +37,7 @@ class ForwardBatch:
     req_to_token_pool: "ReqToTokenPool"
     token_to_kv_pool: "MHATokenToKVPool"
     attn_backend: "AttentionBackend"
+    lora: Optional["LoRABatchInfo"] = None  # adapter slot of every row (radixlm/lora/), None: base only
 
     @property
     def batch_size(self) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -66,6 +66,7 @@ class RunnerConfig:
     tp_size: int = default_of("tp_size")
     tp_rank: int = 0
     dist_init_addr: Optional[str] = None
+    lora: Optional[Any] = None  # a lora.manager.LoRAConfig with --enable-lora
 
 
 class ModelRunner:
@@ -95,7 +96,9 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(self._attention_backend_name(), cfg.device,
                                                      num_q_heads=self.num_heads)
         self.sampler = Sampler(model_config.vocab_size, model_config.eos_token_ids)
-        self.cuda_graph_runner = create_cuda_graph_runner(self)  # captures now; None when graphs are off
+        self.lora_manager = self._init_lora()
+        # captures now; None when graphs are off (and with LoRA: its per-step slots are not in the graphs)
+        self.cuda_graph_runner = None if self.lora_manager else create_cuda_graph_runner(self)
 
     # ------------------------------------------------------------------ set-up
     def _init_tensor_parallel(self, peers_alive):
@@ -106,6 +109,13 @@ class ModelRunner:
         if not cfg.dist_init_addr:
             raise ValueError("tp_size > 1 needs dist_init_addr (host:port of rank 0's rendezvous)")
         return init_tp_group(cfg.tp_rank, cfg.tp_size, cfg.dist_init_addr, cfg.device, peers_alive=peers_alive)
+
+    def _init_lora(self):
+        if self.cfg.lora is None:
+            return None
+        from radixlm.lora.manager import LoRAManager
+
+        return LoRAManager(self.model, self.model_config, self.cfg.lora, self.device)
 
     def _attention_backend_name(self) -> str:
         name = resolve_backend_name(self.cfg.attention_backend, self.device)
@@ -179,6 +189,8 @@ class ModelRunner:
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.token_to_kv_pool,
             attn_backend=self.attn_backend,
+            lora=self.lora_manager.prepare([r.lora_path for r in batch.reqs], batch.extend_lens)
+            if self.lora_manager else None,
         )
 
     @torch.inference_mode()

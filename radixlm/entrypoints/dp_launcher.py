@@ -83,6 +83,8 @@ def to_argv(args: ServerArgs, skip: Sequence[str] = ()) -> List[str]:
             if name != "chunked_prefill_size":  # the only field validation turns into None (-1: no chunks)
                 raise LaunchError(f"{name}: cannot pass None to a replica")
             out += [flag, "-1"]
+        elif isinstance(v, tuple):  # nargs="+" flags (--lora-paths)
+            out += [flag, *map(str, v)]
         else:
             out += [flag, str(v)]
     return out

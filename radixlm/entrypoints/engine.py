@@ -54,23 +54,27 @@ class Engine:
         self.model_config = self.scheduler.runner.model_config
         self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
                                                        self.model_config.context_len)
+        lora = self.scheduler.runner.lora_manager
+        if lora is not None:
+            self.builder.lora_names = lora.names
         self.loop = SchedulerThread(self.scheduler)
         logger.info("Engine ready: %s, %d KV tokens, device %s, attention %s", self.model_config.architecture,
                     self.scheduler.max_total_num_tokens, args.resolved_device, args.attention_backend)
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob: bool = False,
                  top_logprobs_num: int = 0, stream: bool = False, rid=None, logprob_start_len: int = -1,
-                 extra_key=None, cache_salt=None, priority: Optional[int] = None):
+                 extra_key=None, cache_salt=None, priority: Optional[int] = None, lora_path=None):
         """Generates for one prompt (returns a dict) or a batch (a list, n outputs per prompt).
 
         With stream=True returns an iterator of increments: dicts whose "text" and "output_ids"
         hold only what is new, with "index" saying which output they belong to. `extra_key` /
         `cache_salt` give prompts a radix-cache namespace of their own; `priority` orders the queue
-        (with enable_priority_scheduling)."""
+        (with enable_priority_scheduling); `lora_path` picks a LoRA adapter by name (one per prompt in a
+        list; None: the base model)."""
         call = self._start(text=prompt, sampling_params=sampling_params, input_ids=input_ids,
                            return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, rid=rid,
                            logprob_start_len=logprob_start_len, extra_key=extra_key, cache_salt=cache_salt,
-                           priority=priority)
+                           priority=priority, lora_path=lora_path)
         q: "queue.Queue" = queue.Queue()
         self.loop.submit(call.reqs, q.put)
         if stream:
@@ -82,12 +86,12 @@ class Engine:
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None,
                              return_logprob: bool = False, top_logprobs_num: int = 0, stream: bool = False,
                              rid=None, logprob_start_len: int = -1, extra_key=None, cache_salt=None,
-                             priority: Optional[int] = None):
+                             priority: Optional[int] = None, lora_path=None):
         """asyncio variant of generate: awaitable result, or an async iterator with stream=True."""
         call = self._start(text=prompt, sampling_params=sampling_params, input_ids=input_ids,
                            return_logprob=return_logprob, top_logprobs_num=top_logprobs_num, rid=rid,
                            logprob_start_len=logprob_start_len, extra_key=extra_key, cache_salt=cache_salt,
-                           priority=priority)
+                           priority=priority, lora_path=lora_path)
         aloop = asyncio.get_running_loop()
         aq: "asyncio.Queue" = asyncio.Queue()
         self.loop.submit(call.reqs, lambda item: aloop.call_soon_threadsafe(aq.put_nowait, item))
@@ -103,6 +107,18 @@ class Engine:
     def _start(self, **fields) -> "_Call":
         msgs, batched = self.builder.build(**fields)
         return _Call(msgs, batched, DetokenizerManager(self.tokenizer), self.loop.abort)
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> List[str]:
+        """Loads a PEFT adapter at run time; returns the loaded names (LoRAError: a ValueError)."""
+        from radixlm.lora.server import load_adapter_in_scheduler
+
+        return self.loop.call(lambda s: load_adapter_in_scheduler(s, lora_name, lora_path))
+
+    def unload_lora_adapter(self, lora_name: str) -> List[str]:
+        """Unloads an adapter; refused (ValueError) while requests use it. Returns the loaded names."""
+        from radixlm.lora.server import unload_adapter_in_scheduler
+
+        return self.loop.call(lambda s: unload_adapter_in_scheduler(s, lora_name))
 
     def abort_request(self, rid: str) -> None:
         self.loop.abort(rid)

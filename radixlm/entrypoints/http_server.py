@@ -40,6 +40,9 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     app.router.on_startup.append(tm.connect)  # the sockets belong to the server's event loop
     register_native_routes(app)
     register_openai_routes(app, tm)
+    from radixlm.entrypoints.lora_routes import register_lora_routes
+
+    register_lora_routes(app)
     return app
 
 

@@ -40,12 +40,13 @@ class TokenizedGenerateReqInput:
     bootstrap_host: Optional[str] = None  # PD disaggregation (RequestBuilder.bootstrap checked them)
     bootstrap_port: Optional[int] = None
     bootstrap_room: Optional[int] = None
+    lora_path: Optional[str] = None  # LoRA adapter name (None: the base model)
 
     @property
     def cache_namespace(self) -> Optional[tuple]:
         """None (the shared namespace) or the (extra_key, cache_salt) the request's KV is cached under."""
         if self.extra_key is None and self.cache_salt is None:
-            return None
+            return None  # (a LoRA adapter's requests get one of its own in the scheduler)
         return (self.extra_key, self.cache_salt)
 
 
@@ -75,6 +76,24 @@ class GetInternalStateReq:
 @dataclass
 class GetInternalStateReqOutput:
     state: Dict[str, Any]
+    req_id: int = 0
+
+
+@dataclass
+class LoRAAdapterReq:
+    """Load (lora_name from lora_path) or unload (lora_name) a LoRA adapter at run time."""
+
+    action: str  # load | unload
+    lora_name: str
+    lora_path: str = ""
+    req_id: int = 0
+
+
+@dataclass
+class LoRAAdapterReqOutput:
+    success: bool
+    error_message: str = ""
+    loaded_adapters: Dict[str, str] = field(default_factory=dict)  # name -> path
     req_id: int = 0
 
 
@@ -119,7 +138,8 @@ class BatchStrOut:
 
 
 MESSAGE_TYPES = (TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetInternalStateReq,
-                 GetInternalStateReqOutput, SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
+                 GetInternalStateReqOutput, LoRAAdapterReq, LoRAAdapterReqOutput,
+                 SchedulerReady, DetokenizeParams, BatchTokenIDOut, StrOut, BatchStrOut)
 _ALLOWED = {f"{c.__module__}.{c.__qualname__}" for c in MESSAGE_TYPES + (ReqOutput, FinishReason, SamplingParams)}
 
 
@@ -177,6 +197,7 @@ def to_req(msg: TokenizedGenerateReqInput):
     req.priority = msg.priority
     req.bootstrap_host, req.bootstrap_port, req.bootstrap_room = msg.bootstrap_host, msg.bootstrap_port, \
         msg.bootstrap_room
+    req.lora_path = msg.lora_path
     if sp.stop_regex_strs:  # compiled once per request, here in the scheduler (never on the server's loop)
         req.stop_regexes = compile_stop_regexes(sp.stop_regex_strs)
     if sp.sampling_seed is not None:

@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from radixlm.constrained import call_with_deadline, check_grammar_syntax, grammar_key
 from radixlm.managers.io_struct import TokenizedGenerateReqInput
@@ -81,6 +81,8 @@ class RequestBuilder:
         self.limits = limits or RequestLimits()
         self.enable_priority_scheduling = enable_priority_scheduling
         self.disaggregation_mode = disaggregation_mode
+        # LoRA adapter names a request may pick (set by the owner with --enable-lora; None: LoRA off)
+        self.lora_names: Optional[Callable[[], Collection[str]]] = None
         self._max_token_chars: Optional[int] = None
 
     @classmethod
@@ -119,7 +121,7 @@ class RequestBuilder:
     # ------------------------------------------------------------------ build
     def build(self, text=None, input_ids=None, sampling_params=None, rid=None, return_logprob: bool = False,
               top_logprobs_num: int = 0, logprob_start_len: int = -1, stream: bool = False,
-              extra_key=None, cache_salt=None, priority: Optional[int] = None,
+              extra_key=None, cache_salt=None, priority: Optional[int] = None, lora_path=None,
               bootstrap_host=None, bootstrap_port=None, bootstrap_room=None,
               ) -> Tuple[List[TokenizedGenerateReqInput], bool]:
         """Returns (messages, batched). A prompt with n samples gives n consecutive messages.
@@ -159,6 +161,7 @@ class RequestBuilder:
         salts = self._per_prompt(cache_salt, "cache_salt", n_prompts, batched)
         priority = self._priority(priority)
         boot = self.bootstrap(bootstrap_host, bootstrap_port, bootstrap_room)
+        loras = self._lora_paths(lora_path, n_prompts, batched)
         # sampling params first: they are cheap, and a bad one should not cost a tokenization
         sp_objs = []
         for sp_dict in sps:
@@ -181,7 +184,7 @@ class RequestBuilder:
         else:
             ids_list = input_ids if batched else [input_ids]
         msgs: List[TokenizedGenerateReqInput] = []
-        for ids, sp, r, ek, salt in zip(ids_list, sp_objs, rids, extra_keys, salts):
+        for ids, sp, r, ek, salt, lora in zip(ids_list, sp_objs, rids, extra_keys, salts, loras):
             ids = self.validate_ids(ids, sp)
             if return_logprob and logprob_start_len >= len(ids):
                 raise ValueError(f"logprob_start_len ({logprob_start_len}) is higher than the number of input "
@@ -191,7 +194,7 @@ class RequestBuilder:
                     rid=r if sp.n == 1 else f"{r}-{i}", input_ids=list(ids), sampling_params=sp,
                     return_logprob=bool(return_logprob), top_logprobs_num=top_logprobs_num,
                     logprob_start_len=logprob_start_len if return_logprob else -1, stream=stream, seed_offset=i,
-                    extra_key=ek, cache_salt=salt, priority=priority, **boot))
+                    extra_key=ek, cache_salt=salt, priority=priority, lora_path=lora, **boot))
         if boot and len(msgs) != 1:
             raise ValueError("bootstrap_room: a PD disaggregation request carries one prompt with n = 1")
         if len({m.rid for m in msgs}) != len(msgs):
@@ -232,6 +235,24 @@ class RequestBuilder:
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
             raise ValueError(f"bootstrap_port must be a port number (1-65535) or null, got {port!r}")
         return {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
+
+    def _lora_paths(self, value: Any, n: int, batched: bool) -> List[Optional[str]]:
+        """SGLang's lora_path: an adapter name (or null: the base model), or one per prompt."""
+        vals = value if isinstance(value, list) and batched else [value] * n
+        if len(vals) != n:
+            raise ValueError(f"lora_path: a list of {n} adapter names (or nulls) is required for {n} prompts")
+        if all(v is None for v in vals):
+            return list(vals)
+        if self.lora_names is None:
+            raise ValueError("lora_path: LoRA is not enabled on this server (--enable-lora / --lora-paths)")
+        known = self.lora_names()
+        for v in vals:
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"lora_path must be an adapter name or null, got {type(v).__name__}")
+            if v is not None and v not in known:
+                raise ValueError(f"lora_path: unknown LoRA adapter {v[:200]!r} (loaded: "
+                                 f"{', '.join(sorted(known)) or 'none'})")
+        return list(vals)
 
     def _priority(self, priority: Any) -> Optional[int]:
         if priority is None:

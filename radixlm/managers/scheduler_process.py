@@ -26,6 +26,7 @@ from radixlm.managers.io_struct import (
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    LoRAAdapterReq,
     SchedulerReady,
     TokenizedGenerateReqInput,
     decode_or_drop,
@@ -59,7 +60,17 @@ def create_model_runner(args: ServerArgs, tp_rank: int = 0, peers_alive=None):
                                          device=rank_device(args, tp_rank), quantization=args.quantization)
     return ModelRunner(model_config, derive_config(
         RunnerConfig, args, device=rank_device(args, tp_rank), max_running_requests=args.resolved_max_running_requests,
-        tp_rank=tp_rank), peers_alive=peers_alive)
+        tp_rank=tp_rank, lora=lora_config(args)), peers_alive=peers_alive)
+
+
+def lora_config(args: ServerArgs):
+    """The LoRA manager's config with --enable-lora, else None."""
+    if not args.enable_lora:
+        return None
+    from radixlm.lora.manager import LoRAConfig, parse_lora_paths
+
+    return LoRAConfig(parse_lora_paths(args.lora_paths), args.max_loras_per_batch, args.max_lora_rank,
+                      list(args.lora_target_modules) if args.lora_target_modules else None, args.lora_backend)
 
 
 def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
@@ -89,7 +100,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
-        debug_integrity_check=args.enable_debug_integrity_check),
+        debug_integrity_check=args.enable_debug_integrity_check,
+        lora_slots=args.max_loras_per_batch if args.enable_lora else None),
         model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd)
 
 
@@ -255,6 +267,10 @@ class SchedulerLoop:
                 self.to_tokenizer.send(encode(FlushCacheReqOutput(
                     ok, "Cache flushed." if ok else "Cache not flushed: requests are running or waiting.",
                     msg.req_id)))
+            elif isinstance(msg, LoRAAdapterReq):
+                from radixlm.lora.server import handle_lora_request
+
+                self.to_tokenizer.send(encode(handle_lora_request(s, msg)))
             elif isinstance(msg, GetInternalStateReq):
                 self.to_tokenizer.send(encode(GetInternalStateReqOutput(scheduler_state(s), msg.req_id)))
             else:

@@ -31,6 +31,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "extra_key": HANDLED, "cache_salt": HANDLED,  # separate radix-cache namespaces
     "priority": HANDLED,  # with --enable-priority-scheduling
     "bootstrap_host": HANDLED, "bootstrap_port": HANDLED, "bootstrap_room": HANDLED,  # PD (--disaggregation-mode)
+    "lora_path": HANDLED,  # adapter name per prompt, with --enable-lora
     # harmless metadata
     "model": METADATA, "log_metrics": METADATA, "no_logs": METADATA, "custom_labels": METADATA,
     "received_time": METADATA, "routing_key": METADATA, "conversation_id": METADATA,
@@ -44,7 +45,7 @@ GENERATE_FIELDS: Dict[str, str] = {
     "return_flat_raw_top_logprobs_b64": UNSUPPORTED, "return_hidden_states": UNSUPPORTED,
     "return_routed_experts": UNSUPPORTED, "routed_experts_start_len": UNSUPPORTED,
     "return_indexer_topk": UNSUPPORTED, "modalities": UNSUPPORTED, "session_params": UNSUPPORTED,
-    "lora_path": UNSUPPORTED, "lora_id": UNSUPPORTED, "custom_logit_processor": UNSUPPORTED,
+    "lora_id": UNSUPPORTED, "custom_logit_processor": UNSUPPORTED,
     "positional_embed_overrides": UNSUPPORTED, "bootstrap_pair_key": UNSUPPORTED, "decode_tp_size": UNSUPPORTED,
     "routed_dp_rank": UNSUPPORTED, "data_parallel_rank": UNSUPPORTED, "disagg_prefill_dp_rank": UNSUPPORTED,
     "background": UNSUPPORTED, "require_reasoning": UNSUPPORTED, "max_thinking_tokens": UNSUPPORTED,

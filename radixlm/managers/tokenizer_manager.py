@@ -33,6 +33,7 @@ from radixlm.managers.io_struct import (
     FlushCacheReqOutput,
     GetInternalStateReq,
     GetInternalStateReqOutput,
+    LoRAAdapterReqOutput,
     SchedulerReady,
     TokenizedGenerateReqInput,
     decode_or_drop,
@@ -79,6 +80,11 @@ class TokenizerManager:
         self.builder = RequestBuilder.from_server_args(args, self.tokenizer, self.model_config.vocab_size,
                                                        self.model_config.context_len)
         self.served_model_name = args.served_model_name or args.model_path
+        from radixlm.lora.server import LoRARegistry
+
+        self.lora = LoRARegistry(args)  # adapter names lora_path may pick (radixlm/lora/server.py)
+        if self.lora.enabled:
+            self.builder.lora_names = self.lora.names
         self.states: Dict[str, ReqState] = {}
         self.control_waiters: Dict[int, asyncio.Future] = {}  # req_id -> reply
         self._control_ids = itertools.count(1)
@@ -260,7 +266,7 @@ class TokenizerManager:
                 st = self.states.get(item.rid)
                 if st is not None:
                     st.absorb(item)
-        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput)):
+        elif isinstance(msg, (FlushCacheReqOutput, GetInternalStateReqOutput, LoRAAdapterReqOutput)):
             fut = self.control_waiters.pop(msg.req_id, None)
             if fut is None:
                 logger.warning("tokenizer manager dropped a late %s (req_id %s)", type(msg).__name__, msg.req_id)
@@ -321,7 +327,8 @@ class TokenizerManager:
                                   stream=bool(obj.get("stream", False)), extra_key=obj.get("extra_key"),
                                   cache_salt=obj.get("cache_salt"), priority=obj.get("priority"),
                                   bootstrap_host=obj.get("bootstrap_host"), bootstrap_port=obj.get("bootstrap_port"),
-                                  bootstrap_room=obj.get("bootstrap_room"))
+                                  bootstrap_room=obj.get("bootstrap_room"),
+                                  lora_path=obj.get("lora_path"))
 
     async def submit(self, msgs: List[TokenizedGenerateReqInput]) -> List[ReqState]:
         self._check_alive()

@@ -88,6 +88,8 @@ class PrefillBuilder:
                 break
             if req.grammar_future is not None:  # still compiling: does not hold up the others
                 continue
+            if not self._lora_fits(req, admitted):  # its adapter would exceed the slots: others go first
+                continue
             match = matches.get(id(req))
             if req.wants_input_logprobs:  # prompt logprobs need the logits, so recompute from there
                 match = self.tree_cache.match_prefix(req.fill_ids[:max(req.logprob_start_len - 1, 0)],
@@ -128,6 +130,15 @@ class PrefillBuilder:
             if is_new and not req.output_ids:  # a resumed request re-uses its own KV: no cache hit
                 req.cached_tokens += req.kv.kv_len
         return batch
+
+    def _lora_fits(self, req: Req, admitted: List[Req]) -> bool:
+        """Whether the live requests' distinct adapters (the base counts as one) stay within
+        --max-loras-per-batch with `req` added: every decode and mixed step then fits the slots."""
+        cap = self.cfg.lora_slots
+        if cap is None:
+            return True
+        active = {r.lora_path for r in self.q.running} | {r.lora_path for r in admitted}
+        return req.lora_path in active or len(active) < cap
 
     def _bind(self, req: Req, prefix: torch.Tensor) -> None:
         """Binds a request (whose matched prefix is already locked) to a row and its prefix."""

@@ -64,6 +64,7 @@ class SchedulerConfig:
     debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
     enable_priority_scheduling: bool = False  # waiting requests ordered by `priority` first
     schedule_low_priority_values_first: bool = False  # with it: lower values first (SGLang's flag)
+    lora_slots: Optional[int] = None  # --max-loras-per-batch with LoRA on: distinct adapters (base counts) running
 
     @property
     def priority_sign(self) -> int:
@@ -149,6 +150,11 @@ class Scheduler:
                         req.rid, req.sampling_params.max_new_tokens, cap, self.max_req_len, n_in)
             req.sampling_params.max_new_tokens = cap
             self.stats.num_clipped_max_new_tokens += 1
+        if req.lora_path is not None:  # its own radix-cache namespace: this load of this adapter
+            lora = getattr(self.runner, "lora_manager", None)
+            if lora is None:
+                raise ValueError("lora_path: LoRA is not enabled on this server (--enable-lora / --lora-paths)")
+            req.cache_namespace = (req.cache_namespace, "lora", req.lora_path, lora.uid_of(req.lora_path))
         dev = torch.device(self.runner.device)
         if req.generator is not None and req.generator.device != dev:  # sample on the device: no host sync
             req.generator = torch.Generator(device=dev).manual_seed(req.generator.initial_seed())

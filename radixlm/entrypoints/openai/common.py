@@ -70,8 +70,7 @@ def constraint(req: SamplingFields) -> Dict[str, Any]:
                      "structural_tag)", "response_format")
 
 
-UNSUPPORTED_EXTENSIONS = ("lora_path", "session_params", "return_hidden_states", "routed_dp_rank",
-                          "data_parallel_rank")
+UNSUPPORTED_EXTENSIONS = ("session_params", "return_hidden_states", "routed_dp_rank", "data_parallel_rank")
 
 
 def sglang_extras(req: SamplingFields) -> Dict[str, Any]:
@@ -85,7 +84,16 @@ def sglang_extras(req: SamplingFields) -> Dict[str, Any]:
             raise BadRequest(str(e), name) from None
     return {"extra_key": req.extra_key, "cache_salt": req.cache_salt, "priority": req.priority,
             "bootstrap_host": req.bootstrap_host, "bootstrap_port": req.bootstrap_port,
-            "bootstrap_room": req.bootstrap_room}
+            "bootstrap_room": req.bootstrap_room,
+            "lora_path": lora_of(req)}
+
+
+def lora_of(req: SamplingFields) -> Any:
+    """The LoRA adapter of an OpenAI request: its `lora_path`, else SGLang's `model: "base:adapter"`."""
+    if req.lora_path is not None:
+        return req.lora_path
+    model = getattr(req, "model", None) or ""
+    return model.split(":", 1)[1] or None if ":" in model else None
 
 
 def check_limits(req: SamplingFields, limits, top_field: str, top: Optional[int]) -> None:

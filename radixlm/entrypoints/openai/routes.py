@@ -26,15 +26,21 @@ def register_openai_routes(app: FastAPI, tm) -> None:
         return {"id": tm.served_model_name, "object": "model", "created": created, "owned_by": "sglang",
                 "root": tm.served_model_name, "parent": None, "max_model_len": tm.model_config.context_len}
 
+    def cards():
+        adapters = [dict(card(), id=f"{tm.served_model_name}:{n}", root=path, parent=tm.served_model_name)
+                    for n, path in sorted(tm.lora.adapters.items())]  # SGLang's "base:adapter" names
+        return [card()] + adapters
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str):
-        if model != tm.served_model_name:
-            return error_json(f"The model `{model}` does not exist.", 404, "NotFoundError", param="model")
-        return card()
+        for c in cards():
+            if c["id"] == model:
+                return c
+        return error_json(f"The model `{model}` does not exist.", 404, "NotFoundError", param="model")
 
     async def answer(create, request: Request, body):
         """A bad field found while serving (ValueError naming it) becomes OpenAI's 400."""
