@@ -83,11 +83,16 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
                     any_whitespace=not args.constrained_json_disable_any_whitespace,
                     max_whitespace_cnt=args.constrained_json_max_whitespace,
                     compile_timeout=args.grammar_compile_timeout, cache_size=args.grammar_cache_size)
+    draft_runner = None
+    if args.speculative_algorithm == "STANDALONE":
+        from radixlm.speculative.standalone import create_draft_runner
+
+        draft_runner = create_draft_runner(args, runner)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
         debug_integrity_check=args.enable_debug_integrity_check),
-        model_config.context_len, decode_tail, encode_text, grammar_factory)
+        model_config.context_len, decode_tail, encode_text, grammar_factory, draft_runner)
 
 
 def scheduler_state(s) -> Dict:
@@ -108,6 +113,9 @@ def scheduler_state(s) -> Dict:
         "last_gen_throughput": s.stats.last_gen_throughput,
         "jump_forward_tokens": s.stats.jump_forward_tokens,
         "num_integrity_violations": s.stats.num_integrity_violations,
+        "spec_verify_ct": s.stats.spec_verify_ct,
+        "avg_spec_accept_length": s.stats.spec_accept_length,
+        "spec_accept_rate": s.stats.spec_accept_rate,
     }
 
 

@@ -64,6 +64,9 @@ class SchedulerConfig:
     debug_integrity_check: bool = False  # an invariant violation found when idle stops the scheduler
     enable_priority_scheduling: bool = False  # waiting requests ordered by `priority` first
     schedule_low_priority_values_first: bool = False  # with it: lower values first (SGLang's flag)
+    speculative_algorithm: Optional[str] = None  # NGRAM | STANDALONE (radixlm/speculative/); turns overlap off
+    speculative_num_steps: Optional[int] = None  # drafts per request and verify step (resolved by ServerArgs)
+    speculative_ngram_max_trie_depth: int = default_of("speculative_ngram_max_trie_depth")
 
     @property
     def priority_sign(self) -> int:
@@ -77,7 +80,7 @@ class Scheduler:
     def __init__(self, runner: "ModelRunner", cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
-                 grammar_factory: Optional[Callable[[], object]] = None):
+                 grammar_factory: Optional[Callable[[], object]] = None, draft_runner=None):
         self.runner = runner
         self.cfg = cfg
         self.context_len = context_len
@@ -97,7 +100,12 @@ class Scheduler:
         # overlap needs slots of one token per page: a paged allocation would have to read the
         # in-flight token's slot back from the device
         self.overlap = Overlap(runner, self.q, self.kv, self.ratio, self.stats, context_len) \
-            if cfg.enable_overlap and self.page_size == 1 else None
+            if cfg.enable_overlap and self.page_size == 1 and not cfg.speculative_algorithm else None
+        self.spec = None  # speculative decoding's decode step (radixlm/speculative/worker.py)
+        if cfg.speculative_algorithm:
+            from radixlm.speculative.worker import create_spec_decoder
+
+            self.spec = create_spec_decoder(self, cfg, draft_runner)
         self._inflight: Optional[InFlight] = None
         self._arrivals = 0
 
@@ -211,6 +219,8 @@ class Scheduler:
         outputs = self._resolve_grammars() if self.q.waiting else []
         batch, failed = self._prefill_batch()
         outputs += failed
+        if batch is None and self.q.running and self.spec is not None:  # speculative decode / verify step
+            return outputs + self.spec.step()
         if batch is None and self.q.running:
             batch, aborted = self.decode.build()
             outputs += aborted
