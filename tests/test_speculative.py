@@ -296,3 +296,49 @@ def test_ngram_through_the_server(model_factory):
         line = [x for x in metrics.splitlines() if x.startswith("sglang:spec_accept_length")][0]
         assert float(line.split()[-1]) > 1.0
         assert not math.isnan(float(line.split()[-1]))
+
+
+# ------------------------------------------------------------------------------ STANDALONE
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_standalone_self_draft_and_random_draft(model_factory, arch):
+    """Drafting with the target's own checkpoint accepts (nearly) every draft; an unrelated random
+    draft accepts few; the greedy tokens are the target's either way."""
+    path = model_factory(arch)
+    unrelated = model_factory(arch, seed=1)
+    prompts = prompts_for(500)
+    want, _ = generate(path, prompts, {})
+    kw = {"speculative_algorithm": "STANDALONE", "speculative_num_steps": 3}
+    got, stats = generate(path, prompts, {**kw, "speculative_draft_model_path": path})
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert stats.spec_accept_rate > 0.9 and stats.spec_accept_length > 3.5  # at most num_steps + 1 = 4
+    got, stats = generate(path, prompts, {**kw, "speculative_draft_model_path": unrelated})
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert stats.spec_accept_rate < 0.5
+
+
+def test_standalone_sampling_abort_and_vocab_check(model_factory):
+    from radixlm.models.model_config import ModelConfig
+    from radixlm.speculative.standalone import check_same_vocab
+
+    path = model_factory("llama")
+    eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, speculative_algorithm="STANDALONE",
+                         speculative_draft_model_path=model_factory("llama", seed=1))
+    try:
+        p = prompts_for(500)
+        outs = eng.generate(input_ids=[p[2], p[0]], sampling_params=[
+            {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 16, "ignore_eos": True, "sampling_seed": 1},
+            {"temperature": 0, "max_new_tokens": 16, "regex": "(ab|cd)+"}])
+        assert len(outs[0]["output_ids"]) == 16 and outs[0]["meta_info"]["spec_verify_ct"] >= 1
+        assert outs[1]["meta_info"]["finish_reason"] is not None
+        # an abort while decoding gives the draft's KV back too
+        stream = eng.generate(input_ids=p[1], sampling_params={"temperature": 0, "max_new_tokens": 200,
+                                                               "ignore_eos": True}, stream=True, rid="long")
+        for i, _ in enumerate(stream):
+            if i == 3:
+                eng.abort_request("long")
+        assert_engine_idle(eng)
+    finally:
+        eng.shutdown()
+    small = model_factory("llama", size="small")
+    with pytest.raises(ValueError, match="vocabulary"):
+        check_same_vocab(small, ModelConfig.from_path(small), path, ModelConfig.from_path(path))

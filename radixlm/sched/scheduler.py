@@ -182,6 +182,8 @@ class Scheduler:
         for req in [r for r in self.q.waiting + self.q.live() if r.rid == rid]:
             self.q.remove(req)
             self.kv.free(req)
+            if self.spec is not None:
+                self.spec.drafter.release(req)
             out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         return out
 
@@ -379,6 +381,8 @@ class Scheduler:
         holds and aborts it (unless it had finished already)."""
         for req, _ in reqs:
             self.q.remove(req)
+            if self.spec is not None:
+                self.spec.drafter.release(req)
         self.kv.free_with_step_slots([r for r, _ in reqs], [sl for _, sl in reqs])
         self.stats.num_failed_reqs += len(reqs)
         return [self.out.finish(r, FinishReason("abort", message=message)) for r, _ in reqs if not r.finished]

@@ -78,3 +78,4 @@ class NgramDrafter:
 
     def check_idle(self, live_reqs) -> None:
         """NGRAM holds no device memory; its indexes go with their requests (weak references)."""
+        return None

@@ -74,6 +74,8 @@ class SpecDecoder:
         else a plain decode step (CUDA graphs apply); either counts as a verify step of each request."""
         s = self.sched
         reqs = list(s.q.running)
+        if hasattr(self.drafter, "gc"):
+            self.drafter.gc(s.q.live() + s.q.waiting)
         ks = [self._budget(r) if can_speculate(r) else 0 for r in reqs]
         drafts, qs = self.drafter.propose(reqs, ks) if any(ks) else ([[] for _ in reqs], [None] * len(reqs))
         by_req = {id(r): q for r, q in zip(reqs, qs)}
