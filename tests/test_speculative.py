@@ -342,3 +342,18 @@ def test_standalone_sampling_abort_and_vocab_check(model_factory):
     small = model_factory("llama", size="small")
     with pytest.raises(ValueError, match="vocabulary"):
         check_same_vocab(small, ModelConfig.from_path(small), path, ModelConfig.from_path(path))
+
+
+def test_bench_speculative_smoke(model_factory, tmp_path):
+    """The benchmark runs all three configurations side by side and checks they agree."""
+    import os
+
+    from radixlm.bench import speculative as bench
+
+    os.symlink(model_factory("llama"), tmp_path / "target")
+    os.symlink(model_factory("llama", seed=1), tmp_path / "draft")
+    args = bench.argparse.Namespace(pair_dir=str(tmp_path), device="cpu", new_tokens=4, batch_sizes=[2],
+                                    ngram_steps=3, standalone_steps=2, rewrite_chars=200, max_total_tokens=4096)
+    rows = bench.run(args)
+    assert {r["config"] for r in rows} == {"none", "NGRAM", "STANDALONE"} and all(r["same_tokens"] for r in rows)
+    assert "| rewrite | 2 | NGRAM |" in bench.table(rows)
