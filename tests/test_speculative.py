@@ -353,7 +353,8 @@ def test_bench_speculative_smoke(model_factory, tmp_path):
     os.symlink(model_factory("llama"), tmp_path / "target")
     os.symlink(model_factory("llama", seed=1), tmp_path / "draft")
     args = bench.argparse.Namespace(pair_dir=str(tmp_path), device="cpu", new_tokens=4, batch_sizes=[2],
-                                    ngram_steps=3, standalone_steps=2, rewrite_chars=200, max_total_tokens=4096)
+                                    ngram_steps=3, standalone_steps=2, rewrite_chars=200, max_total_tokens=4096,
+                                    repeats=1)
     rows = bench.run(args)
     assert {r["config"] for r in rows} == {"none", "NGRAM", "STANDALONE"} and all(r["same_tokens"] for r in rows)
     assert "| rewrite | 2 | NGRAM |" in bench.table(rows)

@@ -89,16 +89,21 @@ def run(args) -> List[dict]:
                     sp = {"temperature": 0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
                     eng.generate(input_ids=prompts[:bs], sampling_params=sp)  # warm-up
                     s = eng.scheduler.stats
-                    v0, c0 = s.spec_verify_ct, s.spec_committed_tokens
-                    t0 = time.perf_counter()
-                    outs = eng.generate(input_ids=prompts[:bs], sampling_params=sp)
-                    dt = time.perf_counter() - t0
+                    v0, c0, a0, d0 = s.spec_verify_ct, s.spec_committed_tokens, s.spec_accepted_tokens, \
+                        s.spec_draft_tokens
+                    times = []
+                    for _ in range(args.repeats):  # best of N: the machine is shared
+                        t0 = time.perf_counter()
+                        outs = eng.generate(input_ids=prompts[:bs], sampling_params=sp)
+                        times.append(time.perf_counter() - t0)
+                    dt = min(times)
                     ntok = sum(len(o["output_ids"]) for o in outs)
                     v, c = s.spec_verify_ct - v0, s.spec_committed_tokens - c0
+                    a, d = s.spec_accepted_tokens - a0, s.spec_draft_tokens - d0
                     outputs.setdefault((wl, bs), {})[name] = [o["output_ids"] for o in outs]
                     rows.append({"config": name, "workload": wl, "batch": bs, "seconds": dt, "tok_s": ntok / dt,
                                  "accept_len": c / v if v else None,
-                                 "accept_rate": (s.spec_accept_rate if kw else None)})
+                                 "accept_rate": a / d if d else None, "first_ids": outs[0]["output_ids"][:8]})
                     print(rows[-1], flush=True)
         finally:
             eng.shutdown()
@@ -131,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--standalone-steps", type=int, default=3)
     ap.add_argument("--rewrite-chars", type=int, default=1200, help="characters of source shown per rewrite prompt")
     ap.add_argument("--max-total-tokens", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per cell; the fastest counts")
     args = ap.parse_args(argv)
     print(table(run(args)))
     return 0
