@@ -120,6 +120,8 @@ def test_flags_validated():
                    speculative_num_draft_tokens=6)
     with pytest.raises(ValueError, match="needs --speculative-algorithm"):
         ServerArgs(model_path="x", speculative_num_steps=3)
+    with pytest.raises(ValueError, match="page_size"):
+        ServerArgs(model_path="x", speculative_algorithm="NGRAM", page_size=4)
     a = ServerArgs(model_path="x", speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
     assert (a.speculative_num_steps, a.speculative_eagle_topk, a.speculative_num_draft_tokens) == (4, 1, 5)
 
@@ -158,11 +160,13 @@ def make_spec_scheduler(pool: int, spec: bool, **cfg):
     return H.Scheduler(runner, H.SchedulerConfig(max_running_requests=16, enable_overlap=False, **cfg), 4096)
 
 
-@pytest.mark.parametrize("pool", [4000, 120])  # 120: retractions
-def test_scheduler_verify_steps_keep_kv_ownership(pool):
+@pytest.mark.parametrize("pool,cfg", [(4000, {}), (120, {}),  # 120: retractions
+                                      (120, {"enable_mixed_chunk": True, "chunked_prefill_size": 16}),
+                                      (4000, {"chunked_prefill_size": 8, "disable_radix_cache": True})])
+def test_scheduler_verify_steps_keep_kv_ownership(pool, cfg):
     runs = {}
     for spec in (False, True):
-        sched = make_spec_scheduler(pool, spec)
+        sched = make_spec_scheduler(pool, spec, **cfg)
         reqs = {0: [H.make_req(f"r{i}", 20 + 3 * i, 40 + i, seed=i) for i in range(6)],
                 3: [H.make_req("late", 30, 25, seed=9)]}
         aborted = []
