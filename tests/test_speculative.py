@@ -264,18 +264,21 @@ def test_ngram_stops_exactly(model_factory):
 
 
 def test_ngram_sampling_and_constrained_requests_run(model_factory):
-    """Sampled requests are verified by rejection sampling; a regex-constrained one and one with
-    penalties fall back to plain decoding inside the verify steps; KV is back to idle afterwards."""
+    """Sampled requests are verified by rejection sampling (a constrained one against its grammar's
+    masks); one with penalties falls back to plain decoding inside the verify steps; KV is back to idle
+    afterwards."""
     path = model_factory("llama")
     p = prompts_for(500)
     outs, stats = generate(path, [p[2], p[2], p[0]], {"speculative_algorithm": "NGRAM"}, new=20)
     assert stats.spec_verify_ct > 0
     eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, speculative_algorithm="NGRAM")
     try:
-        outs = eng.generate(input_ids=[p[2], p[2], p[0]], sampling_params=[
+        outs = eng.generate(input_ids=[p[2], p[2], p[0], p[2]], sampling_params=[
             {"temperature": 0.8, "max_new_tokens": 20, "sampling_seed": 3},
             {"temperature": 0, "max_new_tokens": 20, "frequency_penalty": 0.5},
-            {"temperature": 0, "max_new_tokens": 20, "regex": "(ab|cd)+"}])
+            {"temperature": 0, "max_new_tokens": 20, "regex": "(ab|cd)+"},
+            {"temperature": 0.7, "max_new_tokens": 20, "regex": "((foo|bar) )+x", "sampling_seed": 2}])
+        assert outs[3]["text"].startswith(("foo ", "bar ")) and set(outs[3]["text"].split()) <= {"foo", "bar", "x"}
         assert all(o["meta_info"]["finish_reason"] is not None for o in outs)
         assert len(outs[0]["output_ids"]) == 20
         assert_engine_idle(eng)
@@ -362,3 +365,23 @@ def test_bench_speculative_smoke(model_factory, tmp_path):
     rows = bench.run(args)
     assert {r["config"] for r in rows} == {"none", "NGRAM", "STANDALONE"} and all(r["same_tokens"] for r in rows)
     assert "| rewrite | 2 | NGRAM |" in bench.table(rows)
+
+
+def test_constrained_drafts_are_checked_against_the_grammar(model_factory):
+    """A regex-constrained greedy request speculates: each position is masked by the grammar in the
+    state after the drafts before it; the output is the one without speculation, and drafts were accepted."""
+    path = model_factory("llama")
+    p = prompts_for(500)
+    sp = {"temperature": 0, "max_new_tokens": 30, "regex": "((foo|bar) )+x"}
+    outs = {}
+    for kw in ({}, {"speculative_algorithm": "NGRAM"}):
+        eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, disable_jump_forward=True, **kw)
+        try:
+            outs[bool(kw)] = eng.generate(input_ids=[p[2], p[0]], sampling_params=sp)
+            assert_engine_idle(eng)
+            accepted = eng.scheduler.stats.spec_accepted_tokens
+        finally:
+            eng.shutdown()
+    assert [o["output_ids"] for o in outs[True]] == [o["output_ids"] for o in outs[False]]
+    assert [o["text"] for o in outs[True]] == [o["text"] for o in outs[False]]
+    assert accepted > 0

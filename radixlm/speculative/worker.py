@@ -10,10 +10,12 @@ A request that committed m tokens keeps the KV of its first m inputs (kv_len += 
 committed token has no KV yet, as after a plain decode step); the slots of the rest go back to the
 allocator. Finished requests go to the radix cache as usual.
 
-Fallbacks (documented in docs): a request with a grammar, penalties, return_logprob or an unmet
-min_new_tokens takes part with no drafts (one token, sampled by the ordinary Sampler, jump-forward
-included); when no request has drafts the step is a plain decode step. Overlap scheduling is off
-while speculating (ServerArgs turns it off).
+Structured output: a request with a grammar verifies its drafts against the grammar's bitmask at each
+position (`_verify_constrained`), so the grammar accepts every committed token; jump-forward still
+applies after a committed token. Fallbacks (documented in docs): a request with penalties,
+return_logprob or an unmet min_new_tokens takes part with no drafts (one token, sampled by the
+ordinary Sampler, jump-forward included); when no request has drafts the step is a plain decode
+step. Overlap scheduling is off while speculating (the Scheduler does not build it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from radixlm.core import Req, ReqOutput, ScheduleBatch
 from radixlm.engine.sampler import SampleOutput, apply_logit_bias, top_k_top_p_min_p_probs
 from radixlm.sched.kv_ownership import step_slots
-from radixlm.speculative.verify import greedy_accept_batched, speculative_sample_reference
+from radixlm.speculative.verify import greedy_accept_batched, greedy_accept_reference, speculative_sample_reference
 
 if TYPE_CHECKING:
     from radixlm.sched.scheduler import Scheduler
@@ -37,7 +39,7 @@ logger = logging.getLogger("radixlm.sched.scheduler")
 def can_speculate(req: Req) -> bool:
     """Requests whose next tokens the verify step can decide on its own (see the module docstring)."""
     sp = req.sampling_params
-    return (req.grammar is None and not req.return_logprob and sp.repetition_penalty == 1.0
+    return (not req.return_logprob and sp.repetition_penalty == 1.0
             and not sp.frequency_penalty and not sp.presence_penalty
             and len(req.output_ids) >= sp.min_new_tokens and req.kv.kv_len > 0)
 
@@ -122,7 +124,10 @@ class SpecDecoder:
             sub = logits[rows_b]
             apply_logit_bias(sub, [expanded[j] for j in rows_b])
             logits[rows_b] = sub
-        greedy = [i for i in spec if reqs[i].sampling_params.is_greedy]
+        for i in spec:
+            if reqs[i].grammar is not None:
+                committed[i] = self._verify_constrained(logits[starts[i]:starts[i + 1]], reqs[i], drafts[i], qs[i])
+        greedy = [i for i in spec if reqs[i].sampling_params.is_greedy and committed[i] is None]
         if greedy:
             k = max(len(drafts[i]) for i in greedy)
             pos = torch.tensor([[starts[i] + min(j, len(drafts[i])) for j in range(k + 1)] for i in greedy],
@@ -138,6 +143,35 @@ class SpecDecoder:
                 p = target_probs(logits[starts[i]:starts[i + 1]], reqs[i])
                 committed[i] = speculative_sample_reference(p, drafts[i], qs[i], reqs[i].generator)
         return committed, fallback, rows
+
+    def _verify_constrained(self, rows: torch.Tensor, req: Req, drafts: List[int], q: Optional[torch.Tensor]
+                            ) -> List[int]:
+        """A request with a grammar: each position's logits are masked by the grammar's bitmask in the
+        state after the drafts before it (the matcher accepts the drafts, then rolls back; the
+        OutputProcessor accepts the committed tokens for real). Drafts after the first one the grammar
+        refuses cannot be accepted and are dropped; that one stays (its masked probability is 0, so it
+        is rejected, and the rejection sampler draws from the right residual)."""
+        g, backend = req.grammar, self.sched.runner.sampler.grammar_backend
+        k = len(drafts)
+        bitmask = backend.allocate_bitmask(k + 1)
+        g.fill_bitmask(bitmask, 0)
+        m = 0
+        while m < k and g.accept_token(drafts[m]):
+            m += 1
+            g.fill_bitmask(bitmask, m)
+        g.rollback(m)
+        n_rows = m + 1  # rows with a grammar state
+        drafts = drafts[:m + 1] if m < k else drafts
+        rows = rows[:len(drafts) + 1].clone()
+        backend.apply_bitmask(rows, bitmask, list(range(n_rows)))
+        dead = ~torch.isfinite(rows[:n_rows]).any(dim=1)
+        if dead.any():  # as the Sampler: nothing allowed (cannot happen with min_new_tokens met): let it end
+            eos = self.sched.runner.sampler.eos_token_ids
+            rows[:n_rows][dead, eos[0] if eos else 0] = 0.0
+        if req.sampling_params.is_greedy:
+            return greedy_accept_reference(drafts, rows.argmax(dim=-1).tolist())
+        p = target_probs(rows, req)
+        return speculative_sample_reference(p, drafts, None if q is None else q[:len(drafts)], req.generator)
 
     # ------------------------------------------------------------------ results
     def commit(self, batch: ScheduleBatch, committed: List[Optional[List[int]]], fallback: Optional[SampleOutput],
@@ -176,7 +210,7 @@ class SpecDecoder:
             for j, t in enumerate(tokens, 1):
                 req.kv.kv_len = old_kv + j  # the j-th input (last token, then d_1 ...) has KV now
                 parts.append(s.out.append_token(req, SampleOutput(next_token_ids=[t]), 0))
-                if req.finished:
+                if req.finished or req.pending_tokens:  # (pending: the grammar's jump-forward appended text)
                     break
             out = parts[-1]
             out.new_token_ids = [t for p in parts for t in p.new_token_ids]
