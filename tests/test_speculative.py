@@ -385,3 +385,27 @@ def test_constrained_drafts_are_checked_against_the_grammar(model_factory):
     assert [o["output_ids"] for o in outs[True]] == [o["output_ids"] for o in outs[False]]
     assert [o["text"] for o in outs[True]] == [o["text"] for o in outs[False]]
     assert accepted > 0
+
+
+def test_logprobs_under_speculation_match(model_factory):
+    """return_logprob requests speculate; their output (and top) logprobs equal those without."""
+    path = model_factory("llama")
+    p = prompts_for(500)
+    outs = {}
+    for kw in ({}, {"speculative_algorithm": "NGRAM"}):
+        eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, **kw)
+        try:
+            outs[bool(kw)] = eng.generate(input_ids=[p[2], p[0]], sampling_params={
+                "temperature": 0, "max_new_tokens": 20, "ignore_eos": True}, return_logprob=True, top_logprobs_num=2)
+            assert_engine_idle(eng)
+            if kw:
+                assert eng.scheduler.stats.spec_accepted_tokens > 0
+        finally:
+            eng.shutdown()
+    for a, b in zip(outs[True], outs[False]):
+        assert a["output_ids"] == b["output_ids"]
+        la, lb = a["meta_info"]["output_token_logprobs"], b["meta_info"]["output_token_logprobs"]
+        assert [x[1] for x in la] == [x[1] for x in lb] and len(la) == 20
+        assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(la, lb))
+        ta, tb = a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]
+        assert [[t[1] for t in row] for row in ta] == [[t[1] for t in row] for row in tb]

@@ -12,9 +12,10 @@ allocator. Finished requests go to the radix cache as usual.
 
 Structured output: a request with a grammar verifies its drafts against the grammar's bitmask at each
 position (`_verify_constrained`), so the grammar accepts every committed token; jump-forward still
-applies after a committed token. Fallbacks (documented in docs): a request with penalties,
-return_logprob or an unmet min_new_tokens takes part with no drafts (one token, sampled by the
-ordinary Sampler, jump-forward included); when no request has drafts the step is a plain decode
+applies after a committed token. Output logprobs come from the verify step's rows (the raw
+distribution, as the Sampler's). Fallbacks (documented in docs): a request with penalties or an unmet
+min_new_tokens takes part with no drafts (one token, sampled by the ordinary Sampler, jump-forward
+included); when no request has drafts the step is a plain decode
 step. Overlap scheduling is off while speculating (the Scheduler does not build it).
 """
 
@@ -39,7 +40,7 @@ logger = logging.getLogger("radixlm.sched.scheduler")
 def can_speculate(req: Req) -> bool:
     """Requests whose next tokens the verify step can decide on its own (see the module docstring)."""
     sp = req.sampling_params
-    return (not req.return_logprob and sp.repetition_penalty == 1.0
+    return (sp.repetition_penalty == 1.0
             and not sp.frequency_penalty and not sp.presence_penalty
             and len(req.output_ids) >= sp.min_new_tokens and req.kv.kv_len > 0)
 
@@ -63,6 +64,7 @@ class SpecDecoder:
         self.drafter = drafter
         self.num_steps = num_steps
         self._slots_held: Optional[torch.Tensor] = None  # the step's slots of the request being committed
+        self._raw: Dict[int, torch.Tensor] = {}  # this step's raw logprob rows of requests with return_logprob
 
     # ------------------------------------------------------------------ drafting
     def _budget(self, req: Req) -> int:
@@ -87,6 +89,7 @@ class SpecDecoder:
         try:
             if batch.spec_drafts is None:  # no drafts this step: plain decode, every row a fallback row
                 batch.spec_drafts = [[] for _ in batch.reqs]
+                self._raw = {}
                 committed = [None] * batch.batch_size
                 fallback, rows = s.runner.forward_and_sample(batch), {i: i for i in range(batch.batch_size)}
             else:
@@ -106,6 +109,8 @@ class SpecDecoder:
         """Returns (committed tokens per request, or None for requests without drafts; the Sampler's
         output for those; their row in it)."""
         logits = self.sched.runner.forward_all_logits(batch).float()
+        self._raw = {i: torch.log_softmax(logits[sum(batch.extend_lens[:i]):sum(batch.extend_lens[:i + 1])], dim=-1)
+                     for i, (r, d) in enumerate(zip(batch.reqs, batch.spec_drafts)) if d and r.return_logprob}
         starts = [0]
         for n in batch.extend_lens:
             starts.append(starts[-1] + n)
@@ -181,7 +186,8 @@ class SpecDecoder:
         for i, (req, slots) in enumerate(step_slots(batch)):
             self._slots_held = slots
             try:
-                outputs.append(self._commit_one(req, batch.spec_drafts[i], committed[i], fallback, rows.get(i)))
+                outputs.append(self._commit_one(req, batch.spec_drafts[i], committed[i], fallback, rows.get(i),
+                                                self._raw.get(i)))
                 if not (req.finished or req.pending_tokens):
                     continue
                 s.q.running.remove(req)
@@ -196,8 +202,20 @@ class SpecDecoder:
                 outputs += s._fail_reqs([(req, self._slots_held)], f"internal error: {type(e).__name__}: {e}")
         return outputs
 
+    @staticmethod
+    def _token_output(t: int, raw: Optional[torch.Tensor], j: int, req: Req) -> SampleOutput:
+        """One committed token as the OutputProcessor takes it, with its logprobs from verify row j."""
+        if raw is None:
+            return SampleOutput(next_token_ids=[t])
+        tops = None
+        if req.top_logprobs_num > 0:
+            v, ids = raw[j].topk(min(req.top_logprobs_num, raw.shape[1]))
+            tops = list(zip(v.tolist(), ids.tolist()))
+        return SampleOutput(next_token_ids=[t], logprobs=[float(raw[j, t])], top_logprobs=[tops])
+
     def _commit_one(self, req: Req, drafts: List[int], tokens: Optional[List[int]],
-                    fallback: Optional[SampleOutput], row: Optional[int]) -> ReqOutput:
+                    fallback: Optional[SampleOutput], row: Optional[int], raw: Optional[torch.Tensor] = None
+                    ) -> ReqOutput:
         """Appends the committed tokens one at a time (stop checks after each), keeps the KV of the
         inputs they follow and frees the slots of the rest."""
         s = self.sched
@@ -209,11 +227,14 @@ class SpecDecoder:
             parts = []
             for j, t in enumerate(tokens, 1):
                 req.kv.kv_len = old_kv + j  # the j-th input (last token, then d_1 ...) has KV now
-                parts.append(s.out.append_token(req, SampleOutput(next_token_ids=[t]), 0))
+                parts.append(s.out.append_token(req, self._token_output(t, raw, j - 1, req), 0))
                 if req.finished or req.pending_tokens:  # (pending: the grammar's jump-forward appended text)
                     break
             out = parts[-1]
             out.new_token_ids = [t for p in parts for t in p.new_token_ids]
+            if raw is not None:
+                out.new_logprobs = [x for p in parts for x in p.new_logprobs]
+                out.new_top_logprobs = [x for p in parts for x in p.new_top_logprobs]
             accepted = min(len(parts), len(tokens) - 1)  # drafts verified and committed
             req.spec_draft_tokens += len(drafts)
             req.spec_accepted_tokens += accepted
