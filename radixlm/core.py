@@ -103,6 +103,10 @@ class Req:
     grammar: Any = None  # the request's matcher once its grammar is compiled
     grammar_future: Any = None  # compile in flight (concurrent.futures.Future)
     jump_forward_tokens: int = 0  # tokens appended by jump-forward instead of decoding
+    # speculative decoding (SGLang's meta_info names): verify forwards taken, drafts proposed / accepted
+    spec_verify_ct: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
     @property
     def wants_input_logprobs(self) -> bool:
@@ -155,6 +159,9 @@ class ScheduleBatch:
     # per request: absolute positions [a, b) whose next-token (prompt) logprobs to compute, or None
     input_logprob_ranges: List[Optional[tuple]] = field(default_factory=list)
     num_mixed_decode: int = 0  # the last this-many requests are decoding ones mixed into an extend step
+    # speculative verify step: per request the draft tokens that follow its last token in input_ids
+    # (extend_lens[i] == 1 + len(spec_drafts[i])); None for every other step
+    spec_drafts: Optional[List[List[int]]] = None
 
     @property
     def batch_size(self) -> int:
@@ -180,3 +187,5 @@ class ReqOutput:
     num_retractions: int = 0
     input_token_logprobs: Optional[List[list]] = None  # [[logprob | None, token_id]] once, with the first output
     input_top_logprobs: Optional[List[Optional[list]]] = None
+    # speculative decoding, the request's totals so far: (verify forwards, drafts proposed, drafts accepted)
+    spec_stats: Optional[tuple] = None

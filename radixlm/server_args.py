@@ -20,6 +20,8 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_RUNNING_REQUESTS = 256  # when max_running_requests is not given
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("tcp", "mooncake", "nixl")
+SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")
+SPECULATIVE_DEFAULT_STEPS = {"NGRAM": 7, "STANDALONE": 3}  # SGLang's STANDALONE default is 3 / 1 / 4
 
 Choices = Union[Tuple[str, ...], Callable[[], Any]]
 
@@ -223,6 +225,28 @@ class ServerArgs:
     lora_backend: str = opt("auto", "LoRA kernels: torch (segment-grouped matmuls), triton (segmented GEMM "
                                     "kernels, CUDA); auto = triton on CUDA.", choices=("auto", "torch", "triton"),
                             group="lora")
+    # speculative decoding (SGLang's names; radixlm/speculative/)
+    speculative_algorithm: Optional[str] = opt(None, "Speculative decoding: NGRAM drafts from n-gram matches in the "
+                                                     "request's own prompt and output (no model); STANDALONE drafts "
+                                                     "with a small model (--speculative-draft-model-path). Turns "
+                                                     "overlap scheduling off.",
+                                               choices=SPECULATIVE_ALGORITHMS, group="speculative decoding")
+    speculative_draft_model_path: Optional[str] = opt(None, "The STANDALONE draft model (same tokenizer and "
+                                                            "vocabulary as the target).",
+                                                      aliases=("--speculative-draft-model",),
+                                                      group="speculative decoding")
+    speculative_num_steps: Optional[int] = opt(None, "Draft tokens proposed per verify step (default: STANDALONE "
+                                                     "3, NGRAM 7; with topk 1 it is num_draft_tokens - 1).", ge=1,
+                                               le=64, group="speculative decoding")
+    speculative_eagle_topk: Optional[int] = opt(None, "Draft branches per step; only 1 (a chain of drafts) is "
+                                                      "supported.", ge=1, group="speculative decoding")
+    speculative_num_draft_tokens: Optional[int] = opt(None, "Tokens one verify forward computes per request: the "
+                                                            "last token plus the drafts (num_steps + 1).", ge=2,
+                                                      le=65, group="speculative decoding")
+    speculative_ngram_max_trie_depth: int = opt(18, "NGRAM: the longest suffix n-gram matched against the "
+                                                    "request's earlier tokens (the longest match wins, then the "
+                                                    "most recent occurrence).", ge=1, le=64,
+                                                group="speculative decoding")
     # server
     host: str = opt("127.0.0.1", "Address to bind.")
     port: int = opt(30000, "Port to bind.", ge=0, le=65535)
@@ -272,6 +296,44 @@ class ServerArgs:
         self._check_disaggregation()
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        self._resolve_speculative()
+
+    def _resolve_speculative(self) -> None:
+        """Checks the speculative flags and fills num_steps / eagle_topk / num_draft_tokens (a chain of
+        drafts: num_draft_tokens = num_steps + 1)."""
+        algo = self.speculative_algorithm
+        if algo is None:
+            for name in ("speculative_draft_model_path", "speculative_num_steps", "speculative_eagle_topk",
+                         "speculative_num_draft_tokens"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: needs --speculative-algorithm")
+            return
+        if algo == "STANDALONE" and not self.speculative_draft_model_path:
+            raise ValueError("speculative_draft_model_path: required with --speculative-algorithm STANDALONE")
+        # combinations not built or tested together: refused rather than silently wrong
+        if self.enable_lora or self.lora_paths:
+            raise ValueError("speculative_algorithm: speculative decoding with LoRA adapters is not supported")
+        if self.disaggregation_mode != "null":
+            raise ValueError("speculative_algorithm: speculative decoding on a PD disaggregation worker is not "
+                             "supported")
+        if algo != "STANDALONE" and self.speculative_draft_model_path:
+            raise ValueError(f"speculative_draft_model_path: {algo} uses no draft model")
+        if self.speculative_eagle_topk not in (None, 1):
+            raise ValueError(f"speculative_eagle_topk: {self.speculative_eagle_topk} is not supported; radixlm "
+                             "drafts one chain (topk 1)")
+        steps, n = self.speculative_num_steps, self.speculative_num_draft_tokens
+        if steps is not None and n is not None and n != steps + 1:
+            raise ValueError(f"speculative_num_draft_tokens: {n} must be speculative_num_steps + 1 = {steps + 1} "
+                             "with topk 1")
+        steps = steps if steps is not None else (n - 1 if n is not None else SPECULATIVE_DEFAULT_STEPS[algo])
+        object.__setattr__(self, "speculative_num_steps", steps)
+        object.__setattr__(self, "speculative_eagle_topk", 1)
+        object.__setattr__(self, "speculative_num_draft_tokens", steps + 1)
+        if self.page_size != 1:
+            raise ValueError("page_size: speculative decoding needs --page-size 1 (rejected drafts free single "
+                             "slots)")
+        if algo == "STANDALONE" and self.tp_size > 1:
+            raise ValueError("tp_size: STANDALONE speculative decoding runs with tp_size 1 only")
 
     def _check_disaggregation(self) -> None:
         if self.disaggregation_transfer_backend != "tcp":

@@ -213,6 +213,12 @@ class ModelRunner:
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
         return self.model.compute_logits(hidden[last]), hidden
 
+    @torch.inference_mode()
+    def forward_all_logits(self, batch: ScheduleBatch) -> torch.Tensor:
+        """Logits at every new token of the batch [T, vocab] (speculative verification)."""
+        _, hidden = self.forward(batch)
+        return self._logits_at(hidden, torch.arange(hidden.shape[0], device=hidden.device))
+
     def run_follower(self) -> None:
         """A tensor-parallel rank other than 0: runs rank 0's steps until it stops (engine/tp_worker.py)."""
         if self.tp.is_leader:

@@ -186,6 +186,9 @@ def render_metrics(state: Dict[str, Any], tm: TokenizerManager) -> str:
         "radixlm:cache_hit_rate_total": state["cache_hit_rate"],
         "radixlm:max_total_num_tokens": state["max_total_num_tokens"],
     }
+    if tm.args.speculative_algorithm:  # averages over every verify step so far
+        gauges["sglang:spec_accept_length"] = state["avg_spec_accept_length"]
+        gauges["sglang:spec_accept_rate"] = state["spec_accept_rate"]
     counters = {  # the scheduler's counters only grow (a cache flush keeps them)
         "sglang:prompt_tokens_total": state["prefill_new_tokens"] + state["prefill_cached_tokens"],
         "sglang:cached_tokens_total": state["prefill_cached_tokens"],
@@ -193,6 +196,8 @@ def render_metrics(state: Dict[str, Any], tm: TokenizerManager) -> str:
         "sglang:num_requests_total": tm.num_requests_total,
         "sglang:num_retractions_total": state["num_retractions"],
     }
+    if tm.args.speculative_algorithm:
+        counters["radixlm:spec_verify_ct_total"] = state["spec_verify_ct"]
     lines = []
     for k, v in gauges.items():
         lines += [f"# TYPE {k} gauge", f'{k}{{model_name="{name}"}} {float(v)}']

@@ -34,6 +34,7 @@ class ReqState:
     finished_reason: Optional[FinishReason] = None
     cached_tokens: int = 0
     num_retractions: int = 0
+    spec_stats: Optional[tuple] = None  # speculative decoding: (verify steps, drafts proposed, drafts accepted)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     error: Optional[BaseException] = None
 
@@ -48,6 +49,8 @@ class ReqState:
         self.output_ids.extend(out.new_token_ids)
         self.cached_tokens = out.cached_tokens
         self.num_retractions = out.num_retractions
+        if out.spec_stats is not None:
+            self.spec_stats = out.spec_stats
         if out.input_token_logprobs is not None:
             self.input_logprobs, self.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
         if out.new_logprobs:
@@ -84,6 +87,13 @@ class ReqState:
             meta["e2e_latency"] = time.perf_counter() - self.created
         if self.num_retractions:
             meta["num_retractions"] = self.num_retractions
+        if self.spec_stats is not None:  # SGLang's names; accept length = completion_tokens / verify_ct
+            verify_ct, drafted, accepted = self.spec_stats
+            meta["spec_verify_ct"] = verify_ct
+            meta["spec_accept_length"] = len(self.output_ids) / verify_ct if verify_ct else 0.0
+            meta["spec_accept_rate"] = accepted / drafted if drafted else 0.0
+            meta["spec_accept_token_num"] = accepted
+            meta["spec_draft_token_num"] = drafted
         if self.msg.return_logprob:
             with_top = self.msg.top_logprobs_num > 0
             meta["output_token_logprobs"] = [entry(lp, t) for lp, t in self.logprobs]

@@ -97,12 +97,17 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
     from radixlm.disaggregation import create_disaggregation
 
     pd = create_disaggregation(args, runner, runner.allocator.page_size)
+    draft_runner = None
+    if args.speculative_algorithm == "STANDALONE":
+        from radixlm.speculative.standalone import create_draft_runner
+
+        draft_runner = create_draft_runner(args, runner)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
         enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
         debug_integrity_check=args.enable_debug_integrity_check,
         lora_slots=args.max_loras_per_batch if args.enable_lora else None),
-        model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd)
+        model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd, draft_runner=draft_runner)
 
 
 def scheduler_state(s) -> Dict:
@@ -124,6 +129,9 @@ def scheduler_state(s) -> Dict:
         "last_gen_throughput": s.stats.last_gen_throughput,
         "jump_forward_tokens": s.stats.jump_forward_tokens,
         "num_integrity_violations": s.stats.num_integrity_violations,
+        "spec_verify_ct": s.stats.spec_verify_ct,
+        "avg_spec_accept_length": s.stats.spec_accept_length,
+        "spec_accept_rate": s.stats.spec_accept_rate,
     }
 
 

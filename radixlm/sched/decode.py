@@ -15,7 +15,7 @@ a slot even alone is aborted (the pool is too small for it).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from radixlm.core import FinishReason, ForwardMode, Req, ReqKV, ReqOutput, ScheduleBatch
 from radixlm.sched.queues import ReqQueues
@@ -61,23 +61,33 @@ class DecodeBuilder:
                  out: "OutputProcessor"):
         self.q, self.kv, self.ratio, self.stats, self.out = q, kv, ratio, stats, out
 
-    def build(self) -> Tuple[Optional[ScheduleBatch], List[ReqOutput]]:
+    def build(self, drafts: Optional[Dict[int, List[int]]] = None) -> Tuple[Optional[ScheduleBatch], List[ReqOutput]]:
         """The decode batch of every running request (None when nothing runs any more), and the
-        outputs of requests aborted because the pool cannot hold them even alone."""
+        outputs of requests aborted because the pool cannot hold them even alone. With `drafts`
+        (speculative decoding: id(req) -> draft tokens) it is a verify step: an extend of each
+        request's last token and its drafts."""
         outputs: List[ReqOutput] = []
         while True:
             reqs = list(self.q.running)
             if not reqs:
                 return None, outputs
-            loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), [r.kv.kv_len for r in reqs], [1] * len(reqs))
+            lens = [1 + len(drafts.get(id(r), ())) if drafts else 1 for r in reqs]
+            loc = self.kv.alloc_with_evict(self.kv.last_slots(reqs), [r.kv.kv_len for r in reqs], lens)
             if loc is not None:
                 break
             if not self._retract_one(outputs):
                 return None, outputs
-        self.kv.write_decode_slots(reqs, loc)
         self.ratio.decay()
-        return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
-                             [r.kv.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs)), outputs
+        if not drafts:
+            self.kv.write_decode_slots(reqs, loc)
+            return ScheduleBatch(reqs, ForwardMode.DECODE, [r.output_ids[-1] for r in reqs], loc,
+                                 [r.kv.kv_len for r in reqs], [1] * len(reqs), [True] * len(reqs)), outputs
+        spec = [list(drafts.get(id(r), ())) for r in reqs]
+        self.kv.write_slots([r for r, n in zip(reqs, lens) for _ in range(n)],
+                            [r.kv.kv_len + j for r, n in zip(reqs, lens) for j in range(n)], loc)
+        return ScheduleBatch(reqs, ForwardMode.EXTEND, [t for r, d in zip(reqs, spec) for t in [r.output_ids[-1]] + d],
+                             loc, [r.kv.kv_len for r in reqs], lens, [True] * len(reqs),
+                             [None] * len(reqs), spec_drafts=spec), outputs
 
     def _retract_one(self, outputs: List[ReqOutput]) -> bool:
         """Preempts the least-progressed live request; False when nothing can go."""

@@ -65,6 +65,9 @@ class SchedulerConfig:
     enable_priority_scheduling: bool = False  # waiting requests ordered by `priority` first
     schedule_low_priority_values_first: bool = False  # with it: lower values first (SGLang's flag)
     lora_slots: Optional[int] = None  # --max-loras-per-batch with LoRA on: distinct adapters (base counts) running
+    speculative_algorithm: Optional[str] = None  # NGRAM | STANDALONE (radixlm/speculative/); turns overlap off
+    speculative_num_steps: Optional[int] = None  # drafts per request and verify step (resolved by ServerArgs)
+    speculative_ngram_max_trie_depth: int = default_of("speculative_ngram_max_trie_depth")
 
     @property
     def priority_sign(self) -> int:
@@ -78,7 +81,7 @@ class Scheduler:
     def __init__(self, runner: "ModelRunner", cfg: SchedulerConfig, context_len: int,
                  decode_tail: Optional[Callable[[Sequence[int]], str]] = None,
                  encode_text: Optional[Callable[[str], List[int]]] = None,
-                 grammar_factory: Optional[Callable[[], object]] = None, pd=None):
+                 grammar_factory: Optional[Callable[[], object]] = None, pd=None, draft_runner=None):
         self.runner = runner
         self.pd = pd  # PD disaggregation: PrefillBootstrap / DecodeTransfers (radixlm/disaggregation), or None
         self.cfg = cfg
@@ -99,7 +102,12 @@ class Scheduler:
         # overlap needs slots of one token per page: a paged allocation would have to read the
         # in-flight token's slot back from the device
         self.overlap = Overlap(runner, self.q, self.kv, self.ratio, self.stats, context_len) \
-            if cfg.enable_overlap and self.page_size == 1 else None
+            if cfg.enable_overlap and self.page_size == 1 and not cfg.speculative_algorithm else None
+        self.spec = None  # speculative decoding's decode step (radixlm/speculative/worker.py)
+        if cfg.speculative_algorithm:
+            from radixlm.speculative.worker import create_spec_decoder
+
+            self.spec = create_spec_decoder(self, cfg, draft_runner)
         self._inflight: Optional[InFlight] = None
         self._arrivals = 0
 
@@ -185,6 +193,8 @@ class Scheduler:
         for req in [r for r in self.q.waiting + self.q.live() if r.rid == rid]:
             self.q.remove(req)
             self.kv.free(req)
+            if self.spec is not None:
+                self.spec.drafter.release(req)
             out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
         for req in self.pd.drop(rid) if self.pd is not None else []:
             out.append(self.out.finish(req, FinishReason("abort", message="Aborted by the client")))
@@ -230,6 +240,8 @@ class Scheduler:
             outputs += self._resolve_grammars()
         batch, failed = self._prefill_batch()
         outputs += failed
+        if batch is None and self.q.running and self.spec is not None:  # speculative decode / verify step
+            return outputs + self.spec.step()
         if batch is None and self.q.running:
             batch, aborted = self.decode.build()
             outputs += aborted
@@ -391,6 +403,8 @@ class Scheduler:
         holds and aborts it (unless it had finished already)."""
         for req, _ in reqs:
             self.q.remove(req)
+            if self.spec is not None:
+                self.spec.drafter.release(req)
         self.kv.free_with_step_slots([r for r, _ in reqs], [sl for _, sl in reqs])
         self.stats.num_failed_reqs += len(reqs)
         return [self.out.finish(r, FinishReason("abort", message=message)) for r, _ in reqs if not r.finished]

@@ -32,6 +32,11 @@ class SchedulerStats:
     num_chunk_waits: int = 0  # steps where the chunked request waited for memory and decode ran instead
     num_admission_rollbacks: int = 0  # prefill admissions undone because the pool could not give the slots
     num_clipped_max_new_tokens: int = 0  # requests whose max_new_tokens was clipped to fit max_req_len
+    # speculative decoding: verify steps (per request), drafts proposed / accepted, tokens they committed
+    spec_verify_ct: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_committed_tokens: int = 0
     _last_decode_log: float = field(default_factory=time.perf_counter, repr=False)
     _decode_tokens_since_log: int = field(default=0, repr=False)
 
@@ -39,6 +44,16 @@ class SchedulerStats:
     def cache_hit_rate(self) -> float:
         total = self.prefill_new_tokens + self.prefill_cached_tokens
         return self.prefill_cached_tokens / total if total else 0.0
+
+    @property
+    def spec_accept_length(self) -> float:
+        """Tokens committed per request per verify step (SGLang's accept length), over all steps."""
+        return self.spec_committed_tokens / self.spec_verify_ct if self.spec_verify_ct else 0.0
+
+    @property
+    def spec_accept_rate(self) -> float:
+        """Share of the proposed drafts that were accepted."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
 
     def log_prefill(self, num_reqs: int, new_tokens: int, cached: int, token_usage: float, running: int,
                     queued: int) -> None:
@@ -61,6 +76,8 @@ class SchedulerStats:
         tput = self._decode_tokens_since_log / max(now - self._last_decode_log, 1e-9)
         self._last_decode_log, self._decode_tokens_since_log = now, 0
         self.last_gen_throughput = tput
-        logger.info("Decode batch, #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
-                    "%.2f, #queue-req: %d, #jump-forward-token: %d", running, kv_tokens, token_usage, tput,
+        spec = (f"accept len: {self.spec_accept_length:.2f}, accept rate: {self.spec_accept_rate:.2f}, "
+                if self.spec_verify_ct else "")
+        logger.info("Decode batch, #running-req: %d, #token: %d, token usage: %.2f, %sgen throughput (token/s): "
+                    "%.2f, #queue-req: %d, #jump-forward-token: %d", running, kv_tokens, token_usage, spec, tput,
                     queued, self.jump_forward_tokens)
