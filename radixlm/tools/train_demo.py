@@ -35,7 +35,8 @@ from typing import Dict, List, Optional
 from radixlm.tools.tiny_tokenizer import EOS_TOKEN_ID, IM_END_ID, special_tokens_map, tokenizer_config, train_bpe
 
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "ensurepip",
-             "turtledemo", "tkinter", "pydoc_data"}
+             "turtledemo", "tkinter", "pydoc_data",
+             "encodings"}  # codec tables: megabytes of hex literals that teach a small model nothing about Python
 
 
 @dataclass(frozen=True)
