@@ -409,3 +409,23 @@ def test_logprobs_under_speculation_match(model_factory):
         assert all(abs(x[0] - y[0]) < 1e-4 for x, y in zip(la, lb))
         ta, tb = a["meta_info"]["output_top_logprobs"], b["meta_info"]["output_top_logprobs"]
         assert [[t[1] for t in row] for row in ta] == [[t[1] for t in row] for row in tb]
+
+
+def test_jump_forward_under_speculation(model_factory):
+    """With jump-forward on, a grammar's forced text is appended to a speculating request (it leaves the
+    running batch to extend it): the output equals the one without speculation, nothing fails, KV idle."""
+    path = model_factory("llama")
+    p = prompts_for(500)
+    sp = {"temperature": 0, "max_new_tokens": 40, "regex": "(foo|bar), and then a fixed tail of the answer\\. (ab|cd)+"}
+    outs = {}
+    for kw in ({}, {"speculative_algorithm": "NGRAM"}):
+        eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, **kw)
+        try:
+            outs[bool(kw)] = eng.generate(input_ids=[p[2], p[0]], sampling_params=sp)
+            assert_engine_idle(eng)
+        finally:
+            eng.shutdown()
+    for o in outs[True]:
+        assert o["meta_info"]["finish_reason"]["type"] != "abort", o["meta_info"]["finish_reason"]
+        assert "fixed tail of the answer" in o["text"]
+    assert [o["text"] for o in outs[True]] == [o["text"] for o in outs[False]]

@@ -195,7 +195,7 @@ class SpecDecoder:
                 if req.finished:
                     s.kv.cache_finished(req)
                 else:
-                    s._park_for_extend(req)
+                    s.park_for_extend(req)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 logger.exception("processing the verify step of request %s failed", req.rid)
                 self.drafter.release(req)
