@@ -237,3 +237,54 @@ def test_random_alloc_free_keeps_integrity(page_size: int, ops: List[Tuple[bool,
         a.check_integrity(held, exclusive=True)
         used_pages = sum(-(-o.numel() // page_size) for o in owned)
         assert a.available_size() == a.size - used_pages * page_size
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 3]),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 10)), max_size=30),
+)
+def test_unvalidated_free_hands_out_the_same_slots(page_size: int, ops: List[Tuple[bool, int]]) -> None:
+    """GPU pools skip free()'s checks (each waits for the device): same slots, same integrity, for valid use."""
+    checked = TokenToKVPoolAllocator(30, page_size=page_size)
+    fast = TokenToKVPoolAllocator(30, page_size=page_size, validate=False)
+    assert checked.validate and not fast.validate
+    owned: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for is_alloc, n in ops:
+        if is_alloc:
+            x, y = checked.alloc(n), fast.alloc(n)
+            assert (x is None) == (y is None)
+            if x is not None and x.numel():
+                assert torch.equal(x, y)
+                owned.append((x, y))
+        elif owned:
+            x, y = owned.pop(n % len(owned))
+            checked.free(x)
+            fast.free(y)
+        assert fast.available_size() == checked.available_size()
+        held = torch.cat([y for _, y in owned]) if owned else torch.empty(0, dtype=torch.int64)
+        fast.check_integrity(held, exclusive=True)
+
+
+def test_validate_defaults_on_for_cpu_only() -> None:
+    assert TokenToKVPoolAllocator(8).validate
+    assert not TokenToKVPoolAllocator(8, validate=False).validate
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_page1_alloc_free_never_waits_for_the_device() -> None:
+    """Under overlap scheduling a device wait in alloc/free stalls on the forward in flight."""
+    a = TokenToKVPoolAllocator(4096, page_size=1, device="cuda")
+    assert not a.validate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = a.alloc(100)
+        y = a.alloc_extend([0], [0], [7])
+        a.free(x)
+        a.free(y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert a.available_size() == a.size
+    a.check_integrity(torch.empty(0, dtype=torch.int64, device="cuda"))

@@ -107,16 +107,27 @@ def test_grouped_lora_delta_matches_per_row_reference():
     assert merged.seg_slots == [1, -1, 1] and merged.seg_lens == [5, 2, 4]
 
 
-def test_triton_sgmv_matches_per_row_reference():
+def _check_triton_sgmv(dtype, tol):
     pytest.importorskip("triton")
     from radixlm.lora.triton_ops import lora_delta_triton
-    from tests.triton_env import DEVICE  # noqa: F401  (sets the interpreter before triton loads)
+    from tests.triton_env import DEVICE  # (sets the interpreter before triton loads)
 
-    (x, A, B), pieces, info = _random_case(seed=1, device=DEVICE)
-    want = lora_delta_reference(x, A, B, pieces, info.row_slots)
-    base = torch.randn(x.shape[0], B.shape[1], device=DEVICE)
+    (x, A, B), pieces, info = _random_case(seed=1, dtype=dtype, device=DEVICE)
+    want = lora_delta_reference(x.float(), A.float(), B.float(), pieces, info.row_slots)
+    base = torch.randn(x.shape[0], B.shape[1], device=DEVICE, dtype=dtype)
     got = lora_delta_triton(x, A, B, pieces, info.seg_indptr, info.seg_slots_t, base.clone())
-    torch.testing.assert_close(got - base, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close((got.float() - base.float()), want, rtol=tol, atol=tol * 10)
+
+
+def test_triton_sgmv_matches_per_row_reference():
+    _check_triton_sgmv(torch.float32, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_sgmv_bf16_on_gpu_matches_reference():
+    """The compiled kernel (not the interpreter) in the serving dtype; run by scripts/gpu_check.sh."""
+    _check_triton_sgmv(torch.bfloat16, 3e-2)
 
 
 # ---------------------------------------------------------------------------------------- engine
