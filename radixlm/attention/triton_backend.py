@@ -212,6 +212,8 @@ class TritonAttnBackend(AttentionBackend):
                 acc += int(n)
             tile_req, tile_m = k.extend_attention.extend_tiles(fb.extend_seq_lens_cpu, cfg["block_m"])
             packed = torch.tensor(qo_start + tile_req + tile_m, dtype=torch.int32)
+            if cuda:  # pinned: a pageable non_blocking copy would still wait for the forward in flight
+                packed = packed.pin_memory()
             packed = packed.to(device, non_blocking=True)
             b, n = len(qo_start), len(tile_req)
             self._extend = _ExtendMeta(packed[:b], packed[b:b + n], packed[b + n:], cfg)
