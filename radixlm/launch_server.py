@@ -27,6 +27,15 @@ def _base_type(annotation: Any) -> type:
     return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
 
 
+def _parse_bool(v: str) -> bool:
+    low = v.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radixlm.launch_server",
                                 description="Start the radixlm HTTP server (OpenAI-compatible and SGLang-native API).")
@@ -40,6 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
         target = p if g is None else groups[g]
         flags = ["--" + name.replace("_", "-"), *m.get("aliases", ())]
         kind = _base_type(hints[name])
+        if kind is bool and f.default is None:  # device-dependent default: `--flag` on, `--flag false` off
+            target.add_argument(*flags, dest=name, nargs="?", const=True, default=None, type=_parse_bool,
+                                metavar="true|false", help=m["help"])
+            continue
         if kind is bool:
             target.add_argument(*flags, action="store_true", help=m["help"])
             continue
