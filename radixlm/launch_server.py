@@ -7,6 +7,7 @@ with its default, help text, choices and bounds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from typing import Any, Dict, List, Optional
@@ -79,7 +80,22 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerArgs:
         parser.error(str(e))
 
 
+# OpenMP's idle policy for the server's processes, set before torch loads (libgomp reads it once): torch's
+# intra-op threads sleep between parallel regions instead of spinning. On a CPU server the scheduler's threads
+# share the cores with the HTTP process, the detokenizer and the clients; spinning workers there made a decode
+# step 3-10x slower on a busy 2-core machine (docs/benchmarks.md, "CPU serving path"). The environment wins:
+# `OMP_WAIT_POLICY=ACTIVE` (or an empty value: libgomp's default) restores spinning.
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
+def set_thread_env() -> None:
+    """Sets the OpenMP idle policy unless the environment has one; a no-op once torch is loaded."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    set_thread_env()
     args = parse_args(argv)
     from radixlm.models.hub import prepare_args
 

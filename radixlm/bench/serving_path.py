@@ -3,8 +3,8 @@ burst of arrivals does to the requests already running. Server settings run inte
 (`--repeats`), each in a fresh server, so that noise on a shared machine hits all of them alike.
 
     python -m radixlm.bench.serving_path --model-path /tmp/m88 \
-        --setting "before=--chunked-prefill-size 8192 --enable-mixed-chunk false --disable-overlap-schedule false \
---detokenizer-in-process false" --setting "after=" --repeats 2
+        --setting "before=OMP_WAIT_POLICY= --chunked-prefill-size 8192 --enable-mixed-chunk false \
+--disable-overlap-schedule false" --setting "after=" --repeats 2
 
 For each setting and repeat:
 * single: `--single-requests` sequential streaming requests (`--input-len` in, `--output-len` out,
@@ -167,8 +167,11 @@ def measure_gsp(server: ServerProcess, vocab: int, a) -> Dict[str, float]:
 
 
 def run_setting(name: str, flags: str, vocab: int, a) -> Dict[str, Dict[str, float]]:
-    extra = ["--max-running-requests", str(max(a.burst, a.gsp_requests)), *shlex.split(flags)]
-    with ServerProcess(a.model_path, extra, timeout=300) as server:
+    words = shlex.split(flags)
+    env = dict(w.split("=", 1) for w in words if "=" in w and w.split("=", 1)[0].isupper())  # VAR=value
+    extra = ["--max-running-requests", str(max(a.burst, a.gsp_requests)),
+             *[w for w in words if not ("=" in w and w.split("=", 1)[0].isupper())]]
+    with ServerProcess(a.model_path, extra, timeout=300, env=env) as server:
         out = {}
         for part in a.parts:
             out[part] = {"single": measure_single, "burst": measure_burst, "gsp": measure_gsp}[part](server, vocab, a)
@@ -180,7 +183,9 @@ def run_setting(name: str, flags: str, vocab: int, a) -> Dict[str, Dict[str, flo
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-path", required=True)
-    ap.add_argument("--setting", action="append", default=[], help="NAME=launch_server flags (repeatable)")
+    ap.add_argument("--setting", action="append", default=[],
+                    help="NAME=launch_server flags, VAR=value words among them set the server's environment "
+                         "(repeatable)")
     ap.add_argument("--parts", nargs="+", default=["single", "burst", "gsp"], choices=("single", "burst", "gsp"))
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--single-requests", type=int, default=3)
