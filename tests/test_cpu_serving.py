@@ -104,3 +104,20 @@ def test_engine_burst_on_cpu_defaults_matches_hf(model_factory, hf_reference_fac
         assert got == [ref.greedy(p, new)[0] for p in prompts]
         eng.check_integrity()
         assert eng.scheduler.tree_cache.protected_size() == 0
+
+
+@pytest.mark.parametrize("given,want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_server_sets_the_openmp_idle_policy_before_torch_loads(given, want):
+    """launch_server's processes get OMP_WAIT_POLICY=PASSIVE unless the environment says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys; from radixlm.launch_server import set_thread_env; set_thread_env(); "
+            "assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want

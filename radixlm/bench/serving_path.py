@@ -76,14 +76,18 @@ async def _run(url: str, prompts: List[List[int]], output_len: int, concurrent: 
     return res, wall
 
 
-# py-spy profile categories: the first whose marker is in a sample's stack takes the sample (order matters)
+# py-spy profile categories, by markers in a frame (the first category matching a frame wins);
+# "idle" is a process waiting for work (epoll, a blocking receive), the rest is time spent per token
+IDLE_LEAVES = ("select (selectors", "poll (selectors", "Socket.recv (", "Poller.poll (", "_AsyncSocket", "sleep")
 CATEGORIES = (("model forward", ("forward_and_sample", "_forward_worker", "run_forward")),
-              ("build batch", ("DecodeBuilder.build", "(decode.py", "PrefillBuilder", "(prefill.py")),
-              ("process outputs", ("_process_decode", "_advance_decoding", "output_processor.py", "_complete")),
-              ("emit / send (pickle + zmq)", ("emit", "send")),
-              ("receive / poll (zmq)", ("recv", "poll", "_recv_loop")),
-              ("detokenize", ("detokenize", "IncrementalDetokenizer", "detokenizer.py")),
-              ("stream / SSE / HTTP", ("native_routes.py", "starlette", "uvicorn", "h11", "httptools")),
+              ("build batch", ("DecodeBuilder.build", "PrefillBuilder")),
+              ("process outputs", ("_process_decode", "_advance_decoding", "output_processor.py", "Scheduler._complete",
+                                   "_process_prefill")),
+              ("emit / send (pickle + zmq)", ("SchedulerLoop.emit", ".send (", "encode (")),
+              ("receive (zmq + unpickle)", ("decode_or_drop", "recv")),
+              ("detokenize", ("DetokenizerManager", "IncrementalDetokenizer")),
+              ("stream / SSE / HTTP", ("native_routes.py", "starlette", "uvicorn", "h11", "httptools", "anyio")),
+              ("tokenizer manager", ("tokenizer_manager.py", "req_state.py")),
               ("event loop", ("asyncio",)))
 
 
@@ -93,20 +97,29 @@ def _categorize(raw: str) -> Dict[str, int]:
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
-        cat = next((c for c, marks in CATEGORIES if any(m in stack for m in marks)), "other")
+        leaf = stack.rsplit(";", 1)[-1]
+        if any(m in leaf for m in IDLE_LEAVES):
+            continue  # waiting for work
+        # the deepest frame that names a category decides (a forked child's stack starts in its parent's frames)
+        cat = next((c for fr in reversed(stack.split(";")) for c, marks in CATEGORIES if any(m in fr for m in marks)),
+                   "other")
         out[cat] = out.get(cat, 0) + int(n)
     return out
 
 
-def _start_py_spy(procs: Dict[str, psutil.Process], out_dir: str, rate: int):
+def _start_py_spy(procs: Dict[str, psutil.Process], out_dir: str, rate: int, tag: str):
+    import os
+    import shutil
     import subprocess
+    import sys
 
-    return {k: subprocess.Popen(["py-spy", "record", "--pid", str(p.pid), "--rate", str(rate), "--format", "raw",
-                                 "--nonblocking", "-o", f"{out_dir}/{k}.txt"], stdout=subprocess.DEVNULL,
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return {k: subprocess.Popen([exe, "record", "--pid", str(p.pid), "--rate", str(rate), "--format", "raw",
+                                 "--nonblocking", "-o", f"{out_dir}/{tag}-{k}.txt"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL) for k, p in procs.items()}
 
 
-def _stop_py_spy(spies, out_dir: str, rate: int, ntok: int) -> Dict[str, float]:
+def _stop_py_spy(spies, out_dir: str, rate: int, ntok: int, tag: str) -> Dict[str, float]:
     import signal
 
     res = {}
@@ -114,7 +127,7 @@ def _stop_py_spy(spies, out_dir: str, rate: int, ntok: int) -> Dict[str, float]:
         sp.send_signal(signal.SIGINT)
         sp.wait(timeout=60)
         try:
-            with open(f"{out_dir}/{k}.txt") as f:
+            with open(f"{out_dir}/{tag}-{k}.txt") as f:
                 cats = _categorize(f.read())
         except OSError:
             continue
@@ -128,7 +141,7 @@ def measure_single(server: ServerProcess, vocab: int, a) -> Dict[str, float]:
     prompts = [[rng.randrange(10, vocab) for _ in range(a.input_len)] for _ in range(a.single_requests)]
     asyncio.run(_run(server.base_url, prompts[:1], 4, False))  # warm-up
     procs = _server_procs(server)
-    spies = _start_py_spy(procs, a.py_spy, a.py_spy_rate) if a.py_spy else None
+    spies = _start_py_spy(procs, a.py_spy, a.py_spy_rate, a.tag) if a.py_spy else None
     c0 = _cpu(procs)
     res, wall = asyncio.run(_run(server.base_url, prompts, a.output_len, False))
     c1 = _cpu(procs)
@@ -140,7 +153,7 @@ def measure_single(server: ServerProcess, vocab: int, a) -> Dict[str, float]:
     for k in c0:
         out[f"cpu_ms_per_tok_{k}"] = (c1[k] - c0[k]) / ntok * 1e3
     if spies is not None:
-        out.update(_stop_py_spy(spies, a.py_spy, a.py_spy_rate, ntok))
+        out.update(_stop_py_spy(spies, a.py_spy, a.py_spy_rate, ntok, a.tag))
     return out
 
 
@@ -206,8 +219,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         vocab = min(json.load(f)["vocab_size"], 2048)  # ids every tiny tokenizer decodes
     settings: List[Tuple[str, str]] = [tuple(s.split("=", 1)) for s in a.setting] or [("default", "")]
     results: Dict[str, List[Dict]] = {n: [] for n, _ in settings}
-    for _ in range(a.repeats):
+    for rep in range(a.repeats):
         for name, flags in settings:
+            a.tag = f"{name}-{rep}"
             results[name].append(run_setting(name, flags, vocab, a))
     names = [n for n, _ in settings]
     print("\nmedian over repeats:")
