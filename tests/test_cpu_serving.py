@@ -88,20 +88,20 @@ def test_engine_burst_on_cpu_defaults_matches_hf(model_factory, hf_reference_fac
     path = model_factory("llama")
     ref = hf_reference_factory(path)
     prompts = random_prompts(3, [24] + [30] * 6, ref.model.config.vocab_size)
-    new = 12
+    new, stream_new = 8, 64  # the stream outlasts the burst's admission
     with radixlm.Engine(model_path=path, log_level="warning", chunked_prefill_size=32) as eng:
         args = eng.server_args
         assert args.resolved_enable_mixed_chunk and not args.resolved_enable_overlap
         assert eng.scheduler.overlap is None and eng.scheduler.cfg.enable_mixed_chunk
-        stream = eng.generate(input_ids=prompts[0], sampling_params={"temperature": 0, "max_new_tokens": new,
+        stream = eng.generate(input_ids=prompts[0], sampling_params={"temperature": 0, "max_new_tokens": stream_new,
                                                                       "ignore_eos": True}, stream=True)
         first = next(stream)  # the stream is decoding
         outs = eng.generate(input_ids=prompts[1:], sampling_params={"temperature": 0, "max_new_tokens": new,
                                                                      "ignore_eos": True})
         ids0 = list(first["output_ids"]) + [t for chunk in stream for t in chunk["output_ids"]]
         assert eng.scheduler.stats.num_mixed_batches > 0
-        got = [ids0] + [o["output_ids"] for o in outs]
-        assert got == [ref.greedy(p, new)[0] for p in prompts]
+        assert ids0 == ref.greedy(prompts[0], stream_new)[0]
+        assert [o["output_ids"] for o in outs] == [ref.greedy(p, new)[0] for p in prompts[1:]]
         eng.check_integrity()
         assert eng.scheduler.tree_cache.protected_size() == 0
 
