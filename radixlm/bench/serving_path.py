@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
 import statistics
@@ -29,17 +30,28 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import httpx
-import psutil
 
 from radixlm.bench.client import request_native
 from radixlm.bench.launcher import ServerProcess
 
 
-def _server_procs(server: ServerProcess) -> Dict[str, psutil.Process]:
-    """main, scheduler (the child holding the model: largest RSS) and detokenizer (if a process)."""
-    main = psutil.Process(server.proc.pid)
-    kids = sorted(main.children(), key=lambda p: p.memory_info().rss, reverse=True)
-    out = {"main": main}
+def _children(pid: int) -> List[int]:
+    kids: List[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            kids += [int(x) for x in f.read().split()]
+    return kids
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1])
+
+
+def _server_procs(server: ServerProcess) -> Dict[str, int]:
+    """Pids (Linux /proc): main, scheduler (the child holding the model: largest RSS) and detokenizer."""
+    kids = sorted(_children(server.proc.pid), key=_rss, reverse=True)
+    out = {"main": server.proc.pid}
     if kids:
         out["scheduler"] = kids[0]
     if len(kids) > 1:
@@ -47,11 +59,13 @@ def _server_procs(server: ServerProcess) -> Dict[str, psutil.Process]:
     return out
 
 
-def _cpu(procs: Dict[str, psutil.Process]) -> Dict[str, float]:
+def _cpu(procs: Dict[str, int]) -> Dict[str, float]:
+    """CPU seconds (user + system) each process used so far."""
     res = {}
-    for name, p in procs.items():
-        t = p.cpu_times()
-        res[name] = t.user + t.system
+    for name, pid in procs.items():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        res[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return res
 
 
@@ -107,14 +121,13 @@ def _categorize(raw: str) -> Dict[str, int]:
     return out
 
 
-def _start_py_spy(procs: Dict[str, psutil.Process], out_dir: str, rate: int, tag: str):
-    import os
+def _start_py_spy(procs: Dict[str, int], out_dir: str, rate: int, tag: str):
     import shutil
     import subprocess
     import sys
 
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return {k: subprocess.Popen([exe, "record", "--pid", str(p.pid), "--rate", str(rate), "--format", "raw",
+    return {k: subprocess.Popen([exe, "record", "--pid", str(p), "--rate", str(rate), "--format", "raw",
                                  "--nonblocking", "-o", f"{out_dir}/{tag}-{k}.txt"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL) for k, p in procs.items()}
 
@@ -217,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     a = ap.parse_args(argv)
     with open(f"{a.model_path}/config.json") as f:
         vocab = min(json.load(f)["vocab_size"], 2048)  # ids every tiny tokenizer decodes
+    if a.py_spy:
+        os.makedirs(a.py_spy, exist_ok=True)
     settings: List[Tuple[str, str]] = [tuple(s.split("=", 1)) for s in a.setting] or [("default", "")]
     results: Dict[str, List[Dict]] = {n: [] for n, _ in settings}
     for rep in range(a.repeats):
