@@ -121,3 +121,16 @@ def test_server_sets_the_openmp_idle_policy_before_torch_loads(given, want):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == want
+
+
+def test_serving_path_bench_runs_end_to_end(path, capsys):
+    """`python -m radixlm.bench.serving_path`: one tiny server, every part, the summary printed."""
+    from radixlm.bench import serving_path
+
+    serving_path.main(["--model-path", path, "--setting", "s=--enable-mixed-chunk false", "--single-requests", "1",
+                       "--input-len", "16", "--output-len", "4", "--burst", "3", "--gsp-requests", "3",
+                       "--gsp-prefix", "32", "--gsp-question", "4", "--gsp-output-len", "2"])
+    out = capsys.readouterr().out
+    for key in ("itl_median_ms", "cpu_ms_per_tok_scheduler", "cpu_ms_per_tok_detokenizer", "max_gap_s",
+                "first_finish_s", "median over repeats"):
+        assert key in out
