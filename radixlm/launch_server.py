@@ -7,6 +7,7 @@ with its default, help text, choices and bounds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from typing import Any, Dict, List, Optional
@@ -27,6 +28,15 @@ def _base_type(annotation: Any) -> type:
     return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
 
 
+def _parse_bool(v: str) -> bool:
+    low = v.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radixlm.launch_server",
                                 description="Start the radixlm HTTP server (OpenAI-compatible and SGLang-native API).")
@@ -40,6 +50,10 @@ def make_parser() -> argparse.ArgumentParser:
         target = p if g is None else groups[g]
         flags = ["--" + name.replace("_", "-"), *m.get("aliases", ())]
         kind = _base_type(hints[name])
+        if kind is bool and f.default is None:  # device-dependent default: `--flag` on, `--flag false` off
+            target.add_argument(*flags, dest=name, nargs="?", const=True, default=None, type=_parse_bool,
+                                metavar="true|false", help=m["help"])
+            continue
         if kind is bool:
             target.add_argument(*flags, action="store_true", help=m["help"])
             continue
@@ -66,7 +80,22 @@ def parse_args(argv: Optional[List[str]] = None) -> ServerArgs:
         parser.error(str(e))
 
 
+# OpenMP's idle policy for the server's processes, set before torch loads (libgomp reads it once): torch's
+# intra-op threads sleep between parallel regions instead of spinning. On a CPU server the scheduler's threads
+# share the cores with the HTTP process, the detokenizer and the clients; spinning workers there made a decode
+# step 3-10x slower on a busy 2-core machine (docs/benchmarks.md, "CPU serving path"). The environment wins:
+# `OMP_WAIT_POLICY=ACTIVE` (or an empty value: libgomp's default) restores spinning.
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
+def set_thread_env() -> None:
+    """Sets the OpenMP idle policy unless the environment has one; a no-op once torch is loaded."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    set_thread_env()
     args = parse_args(argv)
     from radixlm.models.hub import prepare_args
 

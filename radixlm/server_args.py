@@ -18,6 +18,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_RUNNING_REQUESTS = 256  # when max_running_requests is not given
+# Serving defaults that differ by device (docs/benchmarks.md, "CPU serving path"): on a CPU a prefill step
+# costs ~0.5 ms per token, so an 8192-token step stalls every running stream for seconds; mixed chunk keeps
+# them decoding inside prefill steps; overlap scheduling's worker thread competes with torch's intra-op
+# threads for the cores and measured slower there.
+DEFAULT_CHUNKED_PREFILL_SIZE = 8192
+CPU_CHUNKED_PREFILL_SIZE = 512
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("tcp", "mooncake", "nixl")
 SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")
@@ -126,14 +132,17 @@ class ServerArgs:
     max_queued_requests: Optional[int] = opt(None, "Load shedding: answer 503 when more than max-running + "
                                                    "this many requests are in flight.", ge=1)
     max_prefill_tokens: int = opt(16384, "Token budget of one prefill batch.", ge=1)
-    chunked_prefill_size: Optional[int] = opt(8192, "Split long prompts into chunks of this many tokens; -1 "
-                                                    "disables.")
+    chunked_prefill_size: Optional[int] = opt(None, "Split long prompts into chunks of this many tokens; it also "
+                                                    "bounds the prompt tokens of one prefill step. -1 disables. "
+                                                    f"Default: {DEFAULT_CHUNKED_PREFILL_SIZE}, on a CPU "
+                                                    f"{CPU_CHUNKED_PREFILL_SIZE}.")
     schedule_policy: str = opt("lpm", "Order of waiting requests: lpm = longest cached prefix first.",
                                choices=_policies)
     schedule_conservativeness: float = opt(1.0, "Scales the KV reserved for future decode tokens when "
                                                 "admitting (higher = fewer retractions).", positive=True)
-    enable_mixed_chunk: bool = opt(False, "Running requests decode inside prefill steps instead of waiting "
-                                          "for them.")
+    enable_mixed_chunk: Optional[bool] = opt(None, "Running requests decode inside prefill steps instead of "
+                                                   "waiting for them. Default: on for a CPU, off on GPUs; "
+                                                   "`--enable-mixed-chunk false` turns it off.")
     disable_radix_cache: bool = opt(False, "Turn off prefix reuse (for ablation).")
     page_size: int = opt(1, "Tokens per KV page.", ge=1)
     attention_backend: str = opt("auto", "auto = triton on CUDA when available, else torch_native.",
@@ -150,9 +159,11 @@ class ServerArgs:
                                                  "backend only.", ge=1)
     disable_cuda_graph: bool = opt(False, "Run every decode step eagerly, without CUDA graphs (for debugging "
                                           "or ablation).")
-    disable_overlap_schedule: bool = opt(False, "Process each decode step's results before launching the "
-                                                "next, instead of while it computes (for debugging or "
-                                                "ablation). Overlap needs --page-size 1.")
+    disable_overlap_schedule: Optional[bool] = opt(None, "Process each decode step's results before launching "
+                                                         "the next, instead of while it computes. Default: overlap "
+                                                         "on GPUs, none on a CPU (measured slower there); "
+                                                         "`--disable-overlap-schedule false` overlaps on a CPU too. "
+                                                         "Overlap needs --page-size 1.")
     enable_priority_scheduling: bool = opt(False, "Order waiting requests by their `priority` field first (higher "
                                                   "values first), then by the schedule policy.")
     schedule_low_priority_values_first: bool = opt(False, "With --enable-priority-scheduling: lower `priority` "
@@ -280,7 +291,7 @@ class ServerArgs:
         if self.model_path is None:
             raise ValueError("model_path: is required")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size <= 0:  # -1 (SGLang): no chunks
-            object.__setattr__(self, "chunked_prefill_size", None)
+            object.__setattr__(self, "chunked_prefill_size", -1)
         if isinstance(self.log_level, str):
             object.__setattr__(self, "log_level", self.log_level.lower())
         for f in dataclasses.fields(self):
@@ -376,6 +387,28 @@ class ServerArgs:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.resolved_device == "cpu"
+
+    @property
+    def resolved_chunked_prefill_size(self) -> Optional[int]:
+        """Tokens per prefill chunk and step (None: no chunking): the flag, else the device's default."""
+        if self.chunked_prefill_size is None:
+            return CPU_CHUNKED_PREFILL_SIZE if self.on_cpu else DEFAULT_CHUNKED_PREFILL_SIZE
+        return None if self.chunked_prefill_size <= 0 else self.chunked_prefill_size
+
+    @property
+    def resolved_enable_mixed_chunk(self) -> bool:
+        return self.on_cpu if self.enable_mixed_chunk is None else self.enable_mixed_chunk
+
+    @property
+    def resolved_enable_overlap(self) -> bool:
+        """Overlap scheduling: on unless --disable-overlap-schedule; by default off on a CPU."""
+        if self.disable_overlap_schedule is None:
+            return not self.on_cpu
+        return not self.disable_overlap_schedule
 
     @property
     def resolved_tokenizer_path(self) -> str:

@@ -16,6 +16,7 @@ VOCAB = 515  # the tiny llama's vocabulary
 
 
 def engine(path, overlap: bool, **kw):
+    kw = {"enable_mixed_chunk": False, **kw}  # (the CPU default mixes; these tests pin the GPU default unless asked)
     return radixlm.Engine(model_path=path, log_level="warning", disable_overlap_schedule=not overlap, **kw)
 
 

@@ -118,7 +118,7 @@ def test_dp_command_lines(tmp_path):
     replica = parse_args(flags)  # the replica gets the user's settings back
     assert replica.replace(dp_size=3, port=4321, host="0.0.0.0", router_policy="round_robin",
                            router_args="--cb-failure-threshold 7") == args
-    assert replica.dp_size == 1 and replica.chunked_prefill_size is None and replica.disable_radix_cache
+    assert replica.dp_size == 1 and replica.resolved_chunked_prefill_size is None and replica.disable_radix_cache
     launcher.replicas = [dp_launcher.Child("replica 0", None, "http://127.0.0.1:1"),
                          dp_launcher.Child("replica 1", None, "http://127.0.0.1:2")]
     rc = launcher.router_cmd()

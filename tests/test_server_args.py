@@ -45,7 +45,7 @@ def test_engine_and_cli_reject_the_same_values(field, value, flag, capsys):
 def test_sglang_spellings():
     a = parse_args(["--model-path", "m", "--chunked-prefill-size", "-1", "--log-level", "warning",
                     "--enable-mixed-chunk", "--max-running-requests", "7"])
-    assert a.chunked_prefill_size is None and a.enable_mixed_chunk and a.max_running_requests == 7
+    assert a.resolved_chunked_prefill_size is None and a.enable_mixed_chunk and a.max_running_requests == 7
     assert ServerArgs(model_path="m", log_level="WARNING").log_level == "warning"
 
 
@@ -60,9 +60,17 @@ def test_internal_configs_are_derived_and_share_defaults():
     base = ServerArgs(model_path="m")
     for cfg in (SchedulerConfig(), RunnerConfig()):
         for f in dataclasses.fields(cfg):
-            if f.name in ServerArgs.__dataclass_fields__ and f.name not in ("device", "max_running_requests"):
+            if f.name in ServerArgs.__dataclass_fields__ and f.name not in ("device", "max_running_requests") + \
+                    DEVICE_DEPENDENT:
                 assert getattr(cfg, f.name) == getattr(base, f.name), f.name
         assert cfg.max_running_requests == base.resolved_max_running_requests
+    gpu = ServerArgs(model_path="m", device="cuda")  # the scheduler's own defaults are the GPU ones
+    sc = SchedulerConfig()
+    assert (sc.chunked_prefill_size, sc.enable_mixed_chunk, sc.enable_overlap) == (
+        gpu.resolved_chunked_prefill_size, gpu.resolved_enable_mixed_chunk, False)
+
+
+DEVICE_DEPENDENT = ("chunked_prefill_size", "enable_mixed_chunk")  # resolved per device (test_cpu_serving.py)
 
 
 def test_grammar_flags_reach_the_schedulers_backend(path):

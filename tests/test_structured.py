@@ -557,8 +557,9 @@ def test_constrained_requests_survive_retraction(path, eng):
     schema = SCHEMAS["nested_objects"]
     sp = {"temperature": 0, "max_new_tokens": 256, "json_schema": schema}
     reference = eng.generate(input_ids=prompts, sampling_params=sp)
+    # (mixed chunk, the CPU default, admits this workload without retracting: pinned off to exercise retraction)
     with radixlm.Engine(model_path=path, log_level="warning", max_total_tokens=300,
-                        schedule_conservativeness=0.01) as small:
+                        schedule_conservativeness=0.01, enable_mixed_chunk=False) as small:
         outs = small.generate(input_ids=prompts, sampling_params=sp)
         info = small.get_server_info()
         assert info["num_retractions"] > 0 and info["jump_forward_tokens"] > 0

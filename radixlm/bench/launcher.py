@@ -84,12 +84,12 @@ class ServerProcess(LaunchedProcess):
     name = "server"
 
     def __init__(self, model_path: str, extra_args: Optional[List[str]] = None, timeout: float = 120.0,
-                 ready_path: str = "/health", port: Optional[int] = None):
+                 ready_path: str = "/health", port: Optional[int] = None, env: Optional[Dict[str, str]] = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
         super().__init__([sys.executable, "-m", "radixlm.launch_server", "--model-path", model_path, "--port",
-                          str(self.port), "--log-level", "warning", *(extra_args or [])], timeout)
+                          str(self.port), "--log-level", "warning", *(extra_args or [])], timeout, env)
 
     def ready(self) -> bool:
         return httpx.get(self.base_url + self.ready_path, timeout=5).status_code == 200

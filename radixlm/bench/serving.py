@@ -43,8 +43,9 @@ from radixlm.bench import datasets as ds
 from radixlm.bench.metrics import RequestResult, cache_delta, format_summary, summarize
 
 ROUTER_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # --dp-size N behind sglang-router
-SETTINGS = ("radix", "no-radix", "no-overlap", "hf") + ROUTER_POLICIES
+SETTINGS = ("radix", "no-radix", "no-overlap", "overlap", "hf") + ROUTER_POLICIES
 SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"],
+                 "overlap": ["--disable-overlap-schedule", "false"],  # (off by default on a CPU)
                  **{p: ["--router-policy", p] for p in ROUTER_POLICIES}}
 
 

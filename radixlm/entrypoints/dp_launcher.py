@@ -77,12 +77,12 @@ def to_argv(args: ServerArgs, skip: Sequence[str] = ()) -> List[str]:
         if name in skip or v == f.default:
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(v, bool):
+        if isinstance(v, bool) and f.default is None:  # a device-dependent default set either way
+            out += [flag, "true" if v else "false"]
+        elif isinstance(v, bool):
             out += [flag] if v else []
         elif v is None:
-            if name != "chunked_prefill_size":  # the only field validation turns into None (-1: no chunks)
-                raise LaunchError(f"{name}: cannot pass None to a replica")
-            out += [flag, "-1"]
+            raise LaunchError(f"{name}: cannot pass None to a replica")
         elif isinstance(v, tuple):  # nargs="+" flags (--lora-paths)
             out += [flag, *map(str, v)]
         else:

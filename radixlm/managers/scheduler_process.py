@@ -104,7 +104,8 @@ def create_scheduler(args: ServerArgs, tokenizer=None, peers_alive=None):
         draft_runner = create_draft_runner(args, runner)
     return Scheduler(runner, derive_config(
         SchedulerConfig, args, max_running_requests=args.resolved_max_running_requests,
-        enable_jump_forward=not args.disable_jump_forward, enable_overlap=not args.disable_overlap_schedule,
+        enable_jump_forward=not args.disable_jump_forward, enable_overlap=args.resolved_enable_overlap,
+        chunked_prefill_size=args.resolved_chunked_prefill_size, enable_mixed_chunk=args.resolved_enable_mixed_chunk,
         debug_integrity_check=args.enable_debug_integrity_check,
         lora_slots=args.max_loras_per_batch if args.enable_lora else None),
         model_config.context_len, decode_tail, encode_text, grammar_factory, pd=pd, draft_runner=draft_runner)

@@ -37,7 +37,7 @@ from radixlm.sched.overlap import InFlight, Overlap
 from radixlm.sched.prefill import PrefillBuilder
 from radixlm.sched.queues import ReqQueues
 from radixlm.sched.stats import SchedulerStats
-from radixlm.server_args import DEFAULT_MAX_RUNNING_REQUESTS, default_of
+from radixlm.server_args import DEFAULT_CHUNKED_PREFILL_SIZE, DEFAULT_MAX_RUNNING_REQUESTS, default_of
 
 if TYPE_CHECKING:
     from radixlm.engine.model_runner import ModelRunner
@@ -54,7 +54,7 @@ class SchedulerConfig:
     schedule_policy: str = default_of("schedule_policy")
     max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
     max_prefill_tokens: int = default_of("max_prefill_tokens")
-    chunked_prefill_size: Optional[int] = default_of("chunked_prefill_size")  # None: no chunking
+    chunked_prefill_size: Optional[int] = DEFAULT_CHUNKED_PREFILL_SIZE  # None: no chunking (ServerArgs resolves it)
     schedule_conservativeness: float = default_of("schedule_conservativeness")
     disable_radix_cache: bool = False
     random_seed: int = default_of("random_seed")
