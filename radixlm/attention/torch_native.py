@@ -30,13 +30,22 @@ class TorchNativeAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.forward_mode.is_decode:
-            max_len = fb.max_seq_len
-            table = fb.req_to_token_pool.req_to_token
-            self._decode_idx = table[fb.req_pool_indices, :max_len]
-            ar = torch.arange(max_len, device=fb.seq_lens.device)
-            self._decode_mask = (ar[None, :] < fb.seq_lens[:, None])[:, None, None, :]
-            self._decode_ar = ar
-            self._decode_window_masks = {}
+            self.init_decode_metadata(fb, fb.max_seq_len)
+
+    def init_decode_metadata(self, fb: ForwardBatch, length: int, mark_dynamic: bool = False) -> None:
+        """The step's key slots `req_to_token[row, :length]` [B, length] and length mask [B, 1, 1, length],
+        computed once per step and shared by every layer. `length` >= the longest sequence (the compiled
+        step rounds it up; slots past a row's length are masked). `mark_dynamic`: length is a dynamic
+        dimension for torch.compile (so a growing sequence does not recompile)."""
+        table = fb.req_to_token_pool.req_to_token
+        self._decode_idx = table[fb.req_pool_indices, :length]
+        ar = torch.arange(length, device=fb.seq_lens.device)
+        self._decode_mask = (ar[None, :] < fb.seq_lens[:, None])[:, None, None, :]
+        self._decode_ar = ar
+        self._decode_window_masks = {}
+        if mark_dynamic:
+            torch._dynamo.mark_dynamic(self._decode_idx, 1)
+            torch._dynamo.mark_dynamic(self._decode_mask, 3)
 
     def forward_extend(self, q, k, v, layer, fb: ForwardBatch) -> torch.Tensor:
         pool = fb.token_to_kv_pool

@@ -57,7 +57,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            packed: Optional[torch.Tensor]) -> torch.Tensor:
     """The layers' matmul: the packed fast path when prepared and `x` matches it, else F.linear."""
-    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype:
+    # under torch.compile the plain weight is traced: inductor's freezing prepacks it itself
+    # (engine/cpu_compile_runner.py) and an opaque oneDNN tensor cannot be traced
+    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype \
+            and not torch.compiler.is_compiling():
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
 
