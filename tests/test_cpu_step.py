@@ -152,3 +152,29 @@ def test_engine_with_torch_compile_matches_hf(path, hf_reference_factory):
         outs = greedy_run(eng, prompts, 8)
         assert runner.cpu_compile_runner.num_runs >= 7  # every decode step ran compiled
     assert_matches_hf(outs, prompts, hf_reference_factory(path), 8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matmul_decode_attention_matches_sdpa(dtype, tol):
+    """decode_attention_matmul (bfloat16's CPU default) against SDPA with the same padded keys and mask."""
+    from radixlm.attention.torch_native import decode_attention_matmul
+
+    torch.manual_seed(1)
+    b, hq, hk, d, length = 5, 6, 2, 16, 24
+    q = torch.randn(b, hq, 1, d).to(dtype)
+    keys, vals = torch.randn(b, hk, length, d).to(dtype), torch.randn(b, hk, length, d).to(dtype)
+    lens = torch.tensor([1, 24, 7, 13, 24])
+    mask = (torch.arange(length)[None, :] < lens[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), vals.float(), attn_mask=mask, scale=d ** -0.5,
+                                          enable_gqa=True).reshape(b, hq * d)
+    got = decode_attention_matmul(q, keys, vals, mask, d ** -0.5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_decode_impl_is_selectable(monkeypatch):
+    assert TorchNativeAttnBackend().decode_impl == "auto"
+    monkeypatch.setenv("RADIXLM_TORCH_NATIVE_DECODE", "sdpa")
+    assert TorchNativeAttnBackend().decode_impl == "sdpa"
+    with pytest.raises(ValueError, match="decode attention"):
+        TorchNativeAttnBackend(decode_impl="flash")
