@@ -12,6 +12,7 @@ same flags as bench_serving); the batch then holds those prompts as they are (ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,7 +20,25 @@ from types import SimpleNamespace
 from typing import Dict, List
 
 
-def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = False) -> Dict:
+@contextlib.contextmanager
+def reference_path(runner):
+    """The decode step as it was before the CPU fast paths: eager (no compiled step) with SDPA decode
+    attention. The comparison runs each step on it too (`--compare-reference`)."""
+    compiled, backend = runner.cpu_compile_runner, runner.attn_backend
+    impl = getattr(backend, "decode_impl", None)
+    runner.cpu_compile_runner = None
+    if impl is not None:
+        backend.decode_impl = "sdpa"
+    try:
+        yield
+    finally:
+        runner.cpu_compile_runner = compiled
+        if impl is not None:
+            backend.decode_impl = impl
+
+
+def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = False,
+             compare: bool = False) -> Dict:
     from radixlm.core import ForwardMode, ScheduleBatch
 
     pool, alloc = runner.req_to_token_pool, runner.allocator
@@ -30,6 +49,7 @@ def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = 
     lens = [len(p) for p in prompts]
     held = []
     prof = None
+    steps, cpu, ref_steps, ref_cpu = [], [], [], []
     try:
         loc = alloc.alloc(sum(lens))
         if loc is None:
@@ -46,7 +66,6 @@ def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = 
         logits, _ = runner.forward(batch)
         nxt = logits.argmax(-1).tolist()
         prefill = time.perf_counter() - t0
-        steps = []
         cur = list(lens)
         for _ in range(output_len - 1):
             loc = alloc.alloc(bs)
@@ -58,10 +77,17 @@ def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = 
             batch = ScheduleBatch(reqs, ForwardMode.DECODE, nxt, loc, list(cur), [1] * bs, [True] * bs)
             if profile and prof is None and len(steps) == 0:
                 prof = _start_profile(runner)
-            t = time.perf_counter()
+            if compare:  # the same step first on the reference path (it writes the same KV)
+                with reference_path(runner):
+                    t, c = time.perf_counter(), time.process_time()
+                    runner.forward(batch)[0].argmax(-1).tolist()
+                    ref_steps.append(time.perf_counter() - t)
+                    ref_cpu.append(time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
             logits, _ = runner.forward(batch)
             nxt = logits.argmax(-1).tolist()
             steps.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             cur = [c + 1 for c in cur]
     finally:
         if prof is not None:
@@ -77,6 +103,10 @@ def run_once(runner, prompts: List[List[int]], output_len: int, profile: bool = 
         "median_decode_latency_s": round(med, 5),
         "mean_decode_latency_s": round(statistics.mean(steps), 5) if steps else 0.0,
         "decode_throughput_tok_s": round(bs / med, 1) if med else 0.0,
+        "median_decode_cpu_s": round(statistics.median(cpu), 5) if cpu else 0.0,
+        **({"reference_median_decode_latency_s": round(statistics.median(ref_steps), 5),
+            "reference_median_decode_cpu_s": round(statistics.median(ref_cpu), 5),
+            "reference_decode_throughput_tok_s": round(bs / statistics.median(ref_steps), 1)} if ref_steps else {}),
         "total_latency_s": round(prefill + sum(steps), 4),
         "overall_throughput_tok_s": round((sum(lens) + bs * output_len) / (prefill + sum(steps)), 1),
     }
@@ -163,6 +193,9 @@ def main(argv=None) -> List[Dict]:
                     help="CPU: compiled decode steps (engine/cpu_compile_runner.py); the first run of each "
                          "batch size compiles (reported as compile_s)")
     ap.add_argument("--torch-compile-max-bs", type=int, default=None)
+    ap.add_argument("--compare-reference", action="store_true",
+                    help="run every decode step twice, on the reference path (eager, SDPA decode attention: "
+                         "the step before the CPU fast paths) and then on the configured one, and report both")
     ap.add_argument("--profile", action="store_true",
                     help="also print a torch.profiler table of 5 decode steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -198,7 +231,8 @@ def main(argv=None) -> List[Dict]:
                 run_once(runner, [p[:8] for p in prompts], 2)
             warm = time.perf_counter() - t0
             r = {"model_path": path, "dataset_name": args.dataset_name, "dtype": str(mc.dtype).replace("torch.", ""),
-                 "torch_compile": args.enable_torch_compile, **run_once(runner, prompts, args.output_len)}
+                 "torch_compile": args.enable_torch_compile,
+                 **run_once(runner, prompts, args.output_len, compare=args.compare_reference)}
             if args.enable_torch_compile:
                 r["warmup_s"] = round(warm, 1)  # includes compiling this batch size's bucket
             if args.profile:
@@ -207,6 +241,12 @@ def main(argv=None) -> List[Dict]:
                   f"({r['prefill_throughput_tok_s']:9.1f} tok/s)  decode step median "
                   f"{1000 * r['median_decode_latency_s']:8.2f} ms ({r['decode_throughput_tok_s']:8.1f} tok/s)  "
                   f"total {r['total_latency_s']:.3f} s")
+            if args.compare_reference:
+                ref_ms = 1000 * r['reference_median_decode_latency_s']
+                print(f"   {r['dtype']:8s} decode step median: reference {ref_ms:8.2f}"
+                      f" ms (cpu {1000 * r['reference_median_decode_cpu_s']:.2f})  this path "
+                      f"{1000 * r['median_decode_latency_s']:8.2f} ms (cpu {1000 * r['median_decode_cpu_s']:.2f})  "
+                      f"speed-up {r['reference_median_decode_latency_s'] / r['median_decode_latency_s']:.2f}x")
             print(json.dumps(r))
             if args.output_file:
                 with open(args.output_file, "a") as f:
