@@ -152,8 +152,9 @@ class ServerArgs:
                                           "or ablation).")
     enable_torch_compile: bool = opt(False, "CPU: run decode steps of up to --torch-compile-max-bs requests "
                                             "through torch.compile (inductor; one compile per batch-size bucket "
-                                            "at its first use, tens of seconds each on 2 cores). torch_native "
-                                            "attention, no LoRA, tensor parallelism or sliding windows.")
+                                            "at its first use, tens of seconds each on 2 cores; each bucket "
+                                            "holds its own prepacked weight copy). torch_native attention, no "
+                                            "LoRA, tensor parallelism or sliding windows.")
     torch_compile_max_bs: Optional[int] = opt(None, "Largest decode batch run compiled with "
                                                     "--enable-torch-compile (default 32; never above "
                                                     "--max-running-requests).", ge=1)
