@@ -159,6 +159,14 @@ class ServerArgs:
                                                  "backend only.", ge=1)
     disable_cuda_graph: bool = opt(False, "Run every decode step eagerly, without CUDA graphs (for debugging "
                                           "or ablation).")
+    enable_torch_compile: bool = opt(False, "CPU: run decode steps of up to --torch-compile-max-bs requests "
+                                            "through torch.compile (inductor; one compile per batch-size bucket "
+                                            "at its first use, tens of seconds each on 2 cores; each bucket "
+                                            "holds its own prepacked weight copy). torch_native attention, no "
+                                            "LoRA, tensor parallelism or sliding windows.")
+    torch_compile_max_bs: Optional[int] = opt(None, "Largest decode batch run compiled with "
+                                                    "--enable-torch-compile (default 32; never above "
+                                                    "--max-running-requests).", ge=1)
     disable_overlap_schedule: Optional[bool] = opt(None, "Process each decode step's results before launching "
                                                          "the next, instead of while it computes. Default: overlap "
                                                          "on GPUs, none on a CPU (measured slower there); "

@@ -26,6 +26,7 @@ from radixlm.attention.forward_context import ForwardBatch, forward_context
 from radixlm.core import ScheduleBatch
 from radixlm.distributed.parallel_state import destroy_tp_group, get_tp_group, init_tp_group, tp_all_reduce_min
 from radixlm.engine import tp_worker
+from radixlm.engine.cpu_compile_runner import create_cpu_compile_runner
 from radixlm.engine.cuda_graph_runner import create_cuda_graph_runner
 from radixlm.engine.host_memory import keep_freed_host_memory
 from radixlm.engine.sampler import SampleOutput, Sampler
@@ -62,6 +63,9 @@ class RunnerConfig:
     # max_running_requests); CUDA with the triton backend only
     cuda_graph_max_bs: Optional[int] = None
     disable_cuda_graph: bool = False
+    # CPU: decode batches up to torch_compile_max_bs run a torch.compile'd step (engine/cpu_compile_runner.py)
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: Optional[int] = None
     # tensor parallelism: this process is rank tp_rank of tp_size, rendezvous at dist_init_addr (host:port)
     tp_size: int = default_of("tp_size")
     tp_rank: int = 0
@@ -99,6 +103,7 @@ class ModelRunner:
         self.lora_manager = self._init_lora()
         # captures now; None when graphs are off (and with LoRA: its per-step slots are not in the graphs)
         self.cuda_graph_runner = None if self.lora_manager else create_cuda_graph_runner(self)
+        self.cpu_compile_runner = create_cpu_compile_runner(self)  # None without --enable-torch-compile
 
     # ------------------------------------------------------------------ set-up
     def _init_tensor_parallel(self, peers_alive):
@@ -199,6 +204,8 @@ class ModelRunner:
         Decode batches the CUDA graphs cover replay one (outputs valid until the next step)."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
             return self.cuda_graph_runner.replay(batch)
+        if self.cpu_compile_runner is not None and self.cpu_compile_runner.can_run(batch):
+            return self.cpu_compile_runner.run(batch)
         fb = self.build_forward_batch(batch)
         if self.tp.size == 1:
             return self.run_forward_batch(fb)

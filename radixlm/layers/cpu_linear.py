@@ -17,8 +17,10 @@ copy is what gets packed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -54,9 +56,43 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return y.reshape(*lead, y.shape[-1])
 
 
+# Under torch.compile (engine/cpu_compile_runner.py) an opaque oneDNN tensor cannot be traced: the graph
+# either traces the plain weight (inductor's freezing prepacks it: for float32 into MKL's packed gemm,
+# the fastest for one row, 23.6 vs 29.7 ms for the 88M bench model's linears on one core), or, for
+# float32 with several rows, where MKL's packed gemm is 1.5-2x slower than oneDNN's (4 rows: 45 vs 23 ms,
+# 32 rows: 99 vs 65 ms), calls the custom op `radixlm::cpu_packed_linear` on this module's oneDNN weight,
+# found by the key `register_packed` gave it (weakly held: a dropped model frees its weights).
+_PACKED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_next_key = itertools.count()
+COMPILED_PACKED_MIN_ROWS = 2  # float32 rows from which the compiled step calls oneDNN on the packed weight
+
+
+def register_packed(packed: torch.Tensor) -> int:
+    key = next(_next_key)
+    _PACKED[key] = packed
+    return key
+
+
+@torch.library.custom_op("radixlm::cpu_packed_linear", mutates_args=())
+def cpu_packed_linear(x: torch.Tensor, key: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """packed_linear on the weight registered under `key` (an opaque op for torch.compile)."""
+    return packed_linear(x, _PACKED[key], bias)
+
+
+@cpu_packed_linear.register_fake
+def _(x: torch.Tensor, key: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _PACKED[key].shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           packed: Optional[torch.Tensor]) -> torch.Tensor:
-    """The layers' matmul: the packed fast path when prepared and `x` matches it, else F.linear."""
+           packed: Optional[torch.Tensor], key: Optional[int] = None) -> torch.Tensor:
+    """The layers' matmul: the packed fast path when prepared and `x` matches it, else F.linear.
+    `key`: the packed weight's `register_packed` key (the compiled step's float32 path)."""
+    if torch.compiler.is_compiling():
+        if (key is not None and packed is not None and x.dtype == torch.float32 == packed.dtype
+                and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= COMPILED_PACKED_MIN_ROWS):
+            return cpu_packed_linear(x, key, bias)
+        return F.linear(x, weight, bias)
     if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype:
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
@@ -76,6 +112,8 @@ def prepack_model(model: nn.Module) -> int:
             else:
                 module.cpu_packed_weight = prepack_weight(module.weight)
             n += module.cpu_packed_weight is not None
+            module.cpu_packed_key = (None if module.cpu_packed_weight is None
+                                     else register_packed(module.cpu_packed_weight))
     if n:
         logger.info("prepacked %d linear weights for oneDNN (CPU)", n)
     return n

@@ -78,7 +78,7 @@ class _LinearBase(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, bias)
-        return cpu_linear.linear(x, self.weight, bias, self.cpu_packed_weight)
+        return cpu_linear.linear(x, self.weight, bias, self.cpu_packed_weight, self.cpu_packed_key)
 
 
 class ColumnParallelLinear(_LinearBase):
@@ -105,6 +105,7 @@ class ColumnParallelLinear(_LinearBase):
         self.bias = (_attach(nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False), self.weight_loader)
                      if bias else None)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
+        self.cpu_packed_key: Optional[int] = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
         if shard_id is None and len(self.shards) > 1:
@@ -166,6 +167,7 @@ class RowParallelLinear(_LinearBase):
         self.bias = (_attach(nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False),
                              default_weight_loader) if bias else None)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
+        self.cpu_packed_key: Optional[int] = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if self.quant_method is not None:

@@ -56,9 +56,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, params_dtype: Optional[torch.dtype] = None):
         super().__init__(num_embeddings, embedding_dim, params_dtype)
         self.cpu_packed_weight: Optional[torch.Tensor] = None  # set by cpu_linear.prepack_model
+        self.cpu_packed_key: Optional[int] = None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = cpu_linear.linear(hidden, self.weight, None, self.cpu_packed_weight)
+        logits = cpu_linear.linear(hidden, self.weight, None, self.cpu_packed_weight, self.cpu_packed_key)
         if get_tp_size() == 1:
             return logits
         return tp_all_gather(logits, dim=-1)[..., :self.num_embeddings]
