@@ -67,6 +67,9 @@ def test_lr_schedule_follows_the_clock_only_when_the_budget_binds():
     assert lr(50, 100, 1.0, 5, time_progress=0.2) == lr(50, 100, 1.0, 5)
     assert lr(10, 100, 1.0, 5, time_progress=0.5) == pytest.approx(lr(52.5, 100, 1.0, 5))
     assert lr(10, 100, 1.0, 5, time_progress=1.0) == pytest.approx(0.1)
+    # nor does it while less than a fifth of the budget is spent or within 25% of the steps' pace
+    assert lr(6, 100, 1.0, 5, time_progress=0.15) == lr(6, 100, 1.0, 5)
+    assert lr(43, 100, 1.0, 5, time_progress=0.45) == lr(43, 100, 1.0, 5)
 
 
 def test_default_pair_draft_is_much_smaller():
