@@ -12,8 +12,8 @@ generation_config.json, tokenizer files) that HF transformers and radixlm load, 
 `train_log.json` (the loss curve, the held-out loss, seconds, parameters, seed, corpus size).
 
 Deterministic for a seed and a Python version (the corpus is its stdlib): the same command writes the
-same weights. Single-threaded by default: with 2 torch threads on a loaded machine the same seed gave
-different weights now and then (measured), and one thread used ~6x less CPU per step there than two.
+same weights (1 and 2 torch threads gave the same weights at the test's size). Single-threaded by
+default: on a shared machine two OpenMP threads that spin at barriers used ~6x the CPU per step of one.
 The step counts are fixed; `--time-budget` is a guard that
 stops training early (logged as `stopped_early`, which gives up that determinism) so the tool always
 fits the machine; when it binds, the learning rate's decay follows the clock so the cut-short model
@@ -296,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 (the default) is bit-reproducible, 2 was not under load (measured)")
+                    help="torch threads (1: the most work per CPU second on a shared machine)")
     ap.add_argument("--target-steps", type=int, default=PAIR["target"].steps)
     ap.add_argument("--draft-steps", type=int, default=PAIR["draft"].steps)
     ap.add_argument("--no-progress", action="store_true")
@@ -305,8 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # is away (measured here: 2 spinning threads used ~6x the CPU per step of 1 thread under load);
     # passive waiting costs little when idle. Before torch starts its thread pool.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # the thread pools sized from the start (a pool first started with more threads and then narrowed by
-    # torch.set_num_threads did not give bit-identical weights run to run: measured)
+    # the thread pools sized from the start, not narrowed later
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(a.threads))
     from dataclasses import replace
