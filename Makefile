@@ -1,15 +1,19 @@
 # radixlm: two commands on a fresh machine.
-#   make serve   start the server on the built-in demo model (builds .venv and the model if needed)
+#   make serve   start the server on the demo model (builds .venv, and trains the demo pair on first use:
+#                ~10 minutes on 2 idle CPU cores, cached in models/demo-pair)
 #   make test    lint (ruff) and run the test suite (builds .venv if needed)
+#   make serve-spec   the same model, with speculative decoding (the pair's draft, STANDALONE)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := $(VENV)/.peers
-DEMO_MODEL ?= models/demo-qwen2-small
+DEMO_PAIR ?= models/demo-pair
+DEMO_MODEL ?= $(DEMO_PAIR)/target
+DEMO_BUDGET ?= 600
 PORT ?= 30000
 
-.PHONY: setup lint test test-all serve demo bench clean
+.PHONY: setup lint test test-all serve serve-spec demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,11 +38,21 @@ lint: $(STAMP)
 test: lint $(PEERS)
 	$(BIN)/python -m pytest -q
 
-$(DEMO_MODEL)/config.json: $(STAMP)
+# The trained demo pair (radixlm.tools.train_demo writes each model's config.json last, so its presence
+# means a complete checkpoint); DEMO_BUDGET caps the training's wall-clock seconds.
+$(DEMO_PAIR)/target/config.json $(DEMO_PAIR)/draft/config.json &: | $(STAMP)
+	$(BIN)/python -m radixlm.tools.train_demo --out $(DEMO_PAIR) --time-budget $(DEMO_BUDGET)
+
+# A DEMO_MODEL outside the pair: a random-weight tiny checkpoint, as the tests use
+$(filter-out $(DEMO_PAIR)/%,$(DEMO_MODEL)/config.json): | $(STAMP)
 	$(BIN)/python -m radixlm.tools.make_tiny_model $(DEMO_MODEL) --arch qwen2 --size small
 
 serve: $(DEMO_MODEL)/config.json
 	$(BIN)/python -m radixlm.launch_server --model-path $(DEMO_MODEL) --port $(PORT)
+
+serve-spec: $(DEMO_PAIR)/target/config.json $(DEMO_PAIR)/draft/config.json
+	$(BIN)/python -m radixlm.launch_server --model-path $(DEMO_PAIR)/target --port $(PORT) \
+	  --speculative-algorithm STANDALONE --speculative-draft-model-path $(DEMO_PAIR)/draft --speculative-num-steps 3
 
 demo: $(DEMO_MODEL)/config.json
 	$(BIN)/python -m radixlm.demo --model-path $(DEMO_MODEL)

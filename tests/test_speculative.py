@@ -411,12 +411,26 @@ def test_logprobs_under_speculation_match(model_factory):
         assert [[t[1] for t in row] for row in ta] == [[t[1] for t in row] for row in tb]
 
 
-def test_jump_forward_under_speculation(model_factory):
+def test_jump_forward_under_speculation(model_factory, monkeypatch):
     """With jump-forward on, a grammar's forced text is appended to a speculating request (it leaves the
-    running batch to extend it): the output equals the one without speculation, nothing fails, KV idle."""
+    running batch to extend it): the output equals the one without speculation, nothing fails, KV idle.
+    The request is parked from the verify step's commit (SpecDecoder.commit), not only from a plain decode."""
+    import sys
+
+    from radixlm.sched.scheduler import Scheduler
+
+    parked_from = []
+    park = Scheduler.park_for_extend
+
+    def spy(self, req):
+        parked_from.append(sys._getframe(1).f_code.co_name)
+        return park(self, req)
+
+    monkeypatch.setattr(Scheduler, "park_for_extend", spy)
     path = model_factory("llama")
     p = prompts_for(500)
-    sp = {"temperature": 0, "max_new_tokens": 40, "regex": "(foo|bar), and then a fixed tail of the answer\\. (ab|cd)+"}
+    # a few free decode steps (letters), then forced text: jump-forward after a verify step, not the prefill
+    sp = {"temperature": 0, "max_new_tokens": 40, "regex": "[a-z]{6}, and then a fixed tail of the answer\\. (ab|cd)+"}
     outs = {}
     for kw in ({}, {"speculative_algorithm": "NGRAM"}):
         eng = radixlm.Engine(model_path=path, device="cpu", max_total_tokens=2048, **kw)
@@ -429,3 +443,4 @@ def test_jump_forward_under_speculation(model_factory):
         assert o["meta_info"]["finish_reason"]["type"] != "abort", o["meta_info"]["finish_reason"]
         assert "fixed tail of the answer" in o["text"]
     assert [o["text"] for o in outs[True]] == [o["text"] for o in outs[False]]
+    assert "commit" in parked_from, parked_from

@@ -50,7 +50,31 @@ def test_loss_goes_down_and_the_log_says_so(pair):
         assert log["steps_done"] == MICRO[name].steps and not log["stopped_early"]
         curve = [p["loss"] for p in log["loss_curve"]]
         assert curve[-1] < curve[0] - 0.5, curve
+        assert all(log["samples"][p].startswith(p) for p in train_demo.SAMPLE_PROMPTS), log["samples"]
     assert logs["target"]["parameters"] > logs["draft"]["parameters"]
+    table = train_demo.loss_table(logs).splitlines()
+    assert table[0].split() == ["step", "target", "loss", "draft", "loss"]
+    assert table[1].split()[0] == "0" and table[-2].split()[0] == str(MICRO["target"].steps - 1)
+    assert float(table[-1].split()[1]) == pytest.approx(logs["target"]["val_loss"], abs=1e-3)
+
+
+def test_lr_schedule_follows_the_clock_only_when_the_budget_binds():
+    lr = train_demo.lr_at
+    assert lr(0, 100, 1.0, warmup=5) == pytest.approx(0.2)
+    assert lr(5, 100, 1.0, warmup=5) == pytest.approx(1.0)
+    assert lr(99, 100, 1.0, warmup=5) == pytest.approx(0.1, abs=1e-3)
+    # the clock behind the steps changes nothing (deterministic); ahead of them it drives the decay
+    assert lr(50, 100, 1.0, 5, time_progress=0.2) == lr(50, 100, 1.0, 5)
+    assert lr(10, 100, 1.0, 5, time_progress=0.5) == pytest.approx(lr(52.5, 100, 1.0, 5))
+    assert lr(10, 100, 1.0, 5, time_progress=1.0) == pytest.approx(0.1)
+    # nor does it while less than a fifth of the budget is spent or within 25% of the steps' pace
+    assert lr(6, 100, 1.0, 5, time_progress=0.15) == lr(6, 100, 1.0, 5)
+    assert lr(43, 100, 1.0, 5, time_progress=0.45) == lr(43, 100, 1.0, 5)
+
+
+def test_default_pair_draft_is_much_smaller():
+    work = train_demo._work
+    assert work(train_demo.PAIR["draft"]) * 3 < work(train_demo.PAIR["target"])
 
 
 def test_same_seed_same_weights(pair, tmp_path):

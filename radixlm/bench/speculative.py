@@ -1,8 +1,8 @@
 """Speculative decoding: output tok/s and accept length, no speculation vs NGRAM vs STANDALONE, side by
 side in one run, at batch 1 and 8, on two workloads.
 
-    python -m radixlm.bench.speculative       # trains a small pair into models/spec-bench-pair if missing
-    python -m radixlm.bench.speculative --pair-dir models/demo-pair --new-tokens 64
+    python -m radixlm.bench.speculative       # the demo pair (models/demo-pair; trained first if missing)
+    python -m radixlm.bench.speculative --pair-dir DIR --new-tokens 128 --batch-sizes 1,8
 
 Workloads (greedy, ignore_eos, every configuration must give the same tokens: checked):
 - `rewrite`: an agent rewriting a file it was shown: the prompt holds a stdlib source excerpt and then
@@ -24,28 +24,16 @@ import time
 from typing import Dict, List
 
 
-def bench_pair():
-    """A small pair (train_demo's recipe at a smaller size): trains in a few minutes on 2 shared cores."""
-    from radixlm.tools.train_demo import Shape
-
-    return {"target": Shape(hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=512, steps=300, lr=3e-3),
-            "draft": Shape(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                           intermediate_size=192, steps=300, lr=5e-3)}
-
-
-def ensure_pair(pair_dir: str) -> pathlib.Path:
+def ensure_pair(pair_dir: str, time_budget: float) -> pathlib.Path:
+    """The pair in `pair_dir`; trained there with train_demo's defaults (as `make serve` does) if missing."""
     p = pathlib.Path(pair_dir)
-    if (p / "target" / "model.safetensors").exists() and (p / "draft" / "model.safetensors").exists():
+    if (p / "target" / "config.json").exists() and (p / "draft" / "config.json").exists():
         return p
     from radixlm.tools import train_demo
 
-    print(f"training the benchmark pair into {p} (a few minutes) ...", flush=True)
-    logs = train_demo.train_pair(p, seed=0, corpus_bytes=1_000_000, time_budget=600, batch=8, seq_len=64,
-                                 pair=bench_pair(), progress=False)
-    for name, log in logs.items():
-        print(f"{name}: {log['parameters'] / 1e6:.1f}M parameters, {log['steps_done']} steps, held-out loss "
-              f"{log['val_loss']}", flush=True)
+    print(f"training the demo pair into {p} (~10 minutes on 2 idle cores) ...", flush=True)
+    logs = train_demo.train_pair(p, time_budget=time_budget, progress=False)
+    print(train_demo.loss_table(logs), flush=True)
     return p
 
 
@@ -70,7 +58,7 @@ def workloads(tokenizer, n: int, rewrite_chars: int) -> Dict[str, List[List[int]
 def run(args) -> List[dict]:
     import radixlm
 
-    pair = ensure_pair(args.pair_dir)
+    pair = ensure_pair(args.pair_dir, getattr(args, "train_budget", 600.0))
     target, draft = str(pair / "target"), str(pair / "draft")
     configs = {
         "none": {},
@@ -133,13 +121,16 @@ def table(rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair-dir", default="models/spec-bench-pair", help="target/ and draft/ (train_demo layout)")
+    ap.add_argument("--pair-dir", default="models/demo-pair", help="target/ and draft/ (train_demo layout)")
+    ap.add_argument("--train-budget", type=float, default=600.0,
+                    help="train_demo's --time-budget if the pair is missing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     ap.add_argument("--ngram-steps", type=int, default=7)
     ap.add_argument("--standalone-steps", type=int, default=3)
-    ap.add_argument("--rewrite-chars", type=int, default=1200, help="characters of source shown per rewrite prompt")
+    ap.add_argument("--rewrite-chars", type=int, default=600,
+                    help="characters of source shown per rewrite prompt (the demo target trained on 256-token windows)")
     ap.add_argument("--max-total-tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per cell; the fastest counts")
     args = ap.parse_args(argv)
