@@ -20,9 +20,9 @@ MICRO = {"target": Shape(hidden_size=64, num_hidden_layers=2, num_attention_head
                         intermediate_size=64, steps=30, lr=1e-2)}
 
 
-def run(out):
+def run(out, parallel=False):
     return train_demo.train_pair(out, seed=3, corpus_bytes=400_000, time_budget=300, batch=4, seq_len=32,
-                                 pair=MICRO, progress=False)
+                                 pair=MICRO, progress=False, parallel=parallel)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,10 @@ def test_default_pair_draft_is_much_smaller():
 
 
 def test_same_seed_same_weights(pair, tmp_path):
-    out, _ = pair
-    run(tmp_path)
+    """The second run trains both models at once in two processes (the CLI's default): the same weights."""
+    out, logs = pair
+    again = run(tmp_path, parallel=True)
+    assert [p["loss"] for p in again["target"]["loss_curve"]] == [p["loss"] for p in logs["target"]["loss_curve"]]
     for name in ("target", "draft"):
         assert digest(out / name / "model.safetensors") == digest(tmp_path / name / "model.safetensors")
         assert (out / name / "tokenizer.json").read_text() == (tmp_path / name / "tokenizer.json").read_text()
