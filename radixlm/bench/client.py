@@ -133,3 +133,47 @@ async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: L
     except Exception as e:  # noqa: BLE001
         res.error = f"{type(e).__name__}: {e}"
     return res
+
+
+def llama_cpp_payload(prompt_ids: List[int], output_len: int) -> dict:
+    """The body of llama.cpp `llama-server`'s native POST /completion for a token-id prompt: a token
+    array is taken as is (no BOS added); greedy (temperature 0); `ignore_eos` (the server biases
+    every end-of-generation token to -inf, as HF's min_new_tokens does); `cache_prompt` (reuse the
+    slot's KV for the common prefix); streamed, with the token ids of every chunk."""
+    return {"prompt": list(prompt_ids), "n_predict": output_len, "temperature": 0.0, "ignore_eos": True,
+            "cache_prompt": True, "stream": True, "return_tokens": True}
+
+
+async def request_llama_cpp(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
+                            t_origin: float, extra: Optional[dict] = None) -> RequestResult:
+    """One streamed /completion on llama-server. TTFT = first chunk carrying token ids; ITL = gaps
+    between such chunks, spread over their tokens; prompt / reused-prefix token counts from the final
+    chunk (`tokens_evaluated`; `timings.cache_n`: `tokens_cached` is the slot's whole cache, not the reuse)."""
+    payload = llama_cpp_payload(prompt_ids, output_len)
+    res, st = _start(payload, extra, prompt_ids, t_origin)
+    last = st
+    ids: List[int] = []
+    try:
+        async for now, d in _events(client, base_url + "/completion", payload, res):
+            k = len(d.get("tokens") or [])
+            if k:
+                if not ids:
+                    res.ttft = now - st
+                else:
+                    res.itl.extend([(now - last) / k] * k)
+                last = now
+                ids.extend(d["tokens"])
+            if d.get("stop"):
+                res.prompt_len = d.get("tokens_evaluated", res.prompt_len)
+                timings = d.get("timings") or {}
+                res.cached_tokens = timings.get("cache_n") or 0
+                if "prompt_ms" in timings and "predicted_ms" in timings:
+                    res.server_e2e = (timings["prompt_ms"] + timings["predicted_ms"]) / 1000
+        if res.error:
+            return res
+        res.output_ids = ids
+        res.output_len = len(ids)
+        _finish(res, st, output_len)
+    except Exception as e:  # noqa: BLE001
+        res.error = f"{type(e).__name__}: {e}"
+    return res

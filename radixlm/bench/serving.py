@@ -5,6 +5,9 @@ Against a running server:
     python -m radixlm.bench_serving --backend radixlm --base-url http://127.0.0.1:30000 \
         --dataset-name random --num-prompts 64 --random-input-len 256 --random-output-len 64
 
+A llama.cpp `llama-server` (bash scripts/build_llama_server.sh) with the same token-id prompts: `--backend llama-cpp
+--base-url ... --tokenizer MODEL_DIR` (radixlm vs llama.cpp vs HF in one run: python -m radixlm.bench.cpu_peers).
+
 Side by side, launching the servers itself (radix cache on, off) and running the same workload
 through HF transformers `generate` in this process, then printing the ratios:
 
@@ -44,6 +47,7 @@ from radixlm.bench.metrics import RequestResult, cache_delta, format_summary, su
 
 ROUTER_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # --dp-size N behind sglang-router
 SETTINGS = ("radix", "no-radix", "no-overlap", "hf") + ROUTER_POLICIES
+BACKENDS = ("radixlm", "sglang", "openai", "llama-cpp")
 SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"],
                  **{p: ["--router-policy", p] for p in ROUTER_POLICIES}}
 
@@ -51,8 +55,9 @@ SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="radixlm serving benchmark",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--backend", choices=("radixlm", "sglang", "openai"), default="radixlm",
-                    help="radixlm/sglang: native /generate; openai: /v1/completions")
+    ap.add_argument("--backend", choices=BACKENDS, default="radixlm",
+                    help="radixlm/sglang: native /generate; openai: /v1/completions; llama-cpp: llama.cpp "
+                         "llama-server's native /completion (token-id prompt; needs --tokenizer)")
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
@@ -253,7 +258,7 @@ def per_worker_delta(before: Optional[Dict], after: Optional[Dict]) -> Optional[
 
 
 def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Callable:
-    from radixlm.bench.client import request_native, request_openai
+    from radixlm.bench.client import request_llama_cpp, request_native, request_openai
 
     extra = json.loads(args.extra_request_body) if args.extra_request_body else None
     as_text = None
@@ -272,6 +277,12 @@ def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Ca
 
         def send(prompt, n, t0):
             return request_openai(client, base_url, prompt, n, t0, model, tok, extra, as_text)
+    elif args.backend == "llama-cpp":  # token ids only: llama-server would tokenize text with its own vocab
+        if as_text is not None:
+            raise SystemExit("--backend llama-cpp sends token ids; --send-text is not supported")
+
+        def send(prompt, n, t0):
+            return request_llama_cpp(client, base_url, prompt, n, t0, extra)
     else:
         def send(prompt, n, t0):
             return request_native(client, base_url, prompt, n, t0, extra, as_text)
