@@ -145,25 +145,36 @@ def llama_cpp_payload(prompt_ids: List[int], output_len: int) -> dict:
 
 
 async def request_llama_cpp(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
-                            t_origin: float, extra: Optional[dict] = None) -> RequestResult:
-    """One streamed /completion on llama-server. TTFT = first chunk carrying token ids; ITL = gaps
-    between such chunks, spread over their tokens; prompt / reused-prefix token counts from the final
-    chunk (`tokens_evaluated`; `timings.cache_n`: `tokens_cached` is the slot's whole cache, not the reuse)."""
+                            t_origin: float, extra: Optional[dict] = None, exact_ids: bool = False) -> RequestResult:
+    """One streamed /completion on llama-server. TTFT = first chunk with output; ITL = gaps between chunks,
+    spread over the tokens each brings (the chunk's `tokens_predicted` minus the last count); prompt and
+    reused-prefix counts from the final chunk (`tokens_evaluated`; `timings.cache_n`: `tokens_cached` is the
+    slot's whole cache, not the reuse).
+
+    llama-server streams a token only once its text is complete UTF-8, and then sends only that token's id: the
+    ids of tokens that ended mid-character are missing from the stream (their count is not). With `exact_ids`,
+    a stream that lost ids is followed, after the timings are taken, by the same request unstreamed (its prompt
+    is cached: only the decode is repeated) whose `tokens` are the exact ids: what a multi-turn workload needs to
+    send the model's own answer back as history."""
     payload = llama_cpp_payload(prompt_ids, output_len)
     res, st = _start(payload, extra, prompt_ids, t_origin)
     last = st
     ids: List[int] = []
+    n_seen = 0
     try:
         async for now, d in _events(client, base_url + "/completion", payload, res):
-            k = len(d.get("tokens") or [])
-            if k:
-                if not ids:
+            n = d.get("tokens_predicted", n_seen + len(d.get("tokens") or []))
+            k = n - n_seen
+            if k > 0 and (d.get("tokens") or d.get("content") or not d.get("stop")):
+                if n_seen == 0:
                     res.ttft = now - st
                 else:
                     res.itl.extend([(now - last) / k] * k)
                 last = now
-                ids.extend(d["tokens"])
+                n_seen = n
+            ids.extend(d.get("tokens") or [])
             if d.get("stop"):
+                n_seen = max(n_seen, n)
                 res.prompt_len = d.get("tokens_evaluated", res.prompt_len)
                 timings = d.get("timings") or {}
                 res.cached_tokens = timings.get("cache_n") or 0
@@ -171,9 +182,14 @@ async def request_llama_cpp(client: httpx.AsyncClient, base_url: str, prompt_ids
                     res.server_e2e = (timings["prompt_ms"] + timings["predicted_ms"]) / 1000
         if res.error:
             return res
+        res.output_len = n_seen
         res.output_ids = ids
-        res.output_len = len(ids)
         _finish(res, st, output_len)
+        if exact_ids and len(ids) != n_seen:
+            r = await client.post(base_url + "/completion", json={**payload, "stream": False})
+            r.raise_for_status()
+            res.output_ids = list(r.json()["tokens"])
     except Exception as e:  # noqa: BLE001
         res.error = f"{type(e).__name__}: {e}"
+        res.success = False
     return res

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--extra-request-body", default=None, help="JSON merged into every request")
     ap.add_argument("--output-file", default=None, help="append one JSON line per run")
     ap.add_argument("--output-details", action="store_true", help="include per-request results in --output-file")
+    ap.add_argument("--llama-exact-ids", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                    metavar="BOOL", help="llama-cpp backend: recover the exact output ids a stream lost (tokens "
+                                         "that ended mid-character) with an untimed unstreamed repeat; default: "
+                                         "on for agent-multiturn, whose history is the answers' ids")
     ap.add_argument("--plot", default=None, help="PNG: TTFT/ITL CDFs (+ TTFT by turn depth); needs matplotlib")
     ap.add_argument("--disable-tqdm", action="store_true")
     ap.add_argument("--launch-server", action="store_true", help="start the server(s) here (needs --model-path)")
@@ -280,9 +284,12 @@ def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Ca
     elif args.backend == "llama-cpp":  # token ids only: llama-server would tokenize text with its own vocab
         if as_text is not None:
             raise SystemExit("--backend llama-cpp sends token ids; --send-text is not supported")
+        exact_ids = getattr(args, "llama_exact_ids", None)
+        if exact_ids is None:  # multi-turn sessions send the answer's ids back as history
+            exact_ids = args.dataset_name == "agent-multiturn"
 
         def send(prompt, n, t0):
-            return request_llama_cpp(client, base_url, prompt, n, t0, extra)
+            return request_llama_cpp(client, base_url, prompt, n, t0, extra, exact_ids)
     else:
         def send(prompt, n, t0):
             return request_native(client, base_url, prompt, n, t0, extra, as_text)

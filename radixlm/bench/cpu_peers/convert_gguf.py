@@ -14,7 +14,7 @@ Our checkpoints (radixlm/tools/make_tiny_model.py) carry a locally trained byte-
 tokens of a probe string, which no published model shares with ours. Two adjustments, both exact for this tokenizer:
 the sentencepiece / Llama-HF vocab paths report "no such file" when `tokenizer.model` is absent, so the converter
 takes its GPT-2/Llama-3 BPE path (vocab + merges written as they are in tokenizer.json, padded to the model's
-vocab_size); and an unrecognised pre-tokenizer hash is named `gpt2` when tokenizer.json's pre-tokenizer is
+vocab_size); and an unrecognised pre-tokenizer hash is named `gpt-2` when tokenizer.json's pre-tokenizer is
 `ByteLevel(use_regex=True)`, which is exactly GPT-2's split regex. Anything else still fails as the converter would.
 The benchmark sends token ids, so text tokenization never decides what the model sees; it matters only for the
 server's detokenized `content`.
@@ -58,8 +58,8 @@ def _patch(base, model_dir: pathlib.Path) -> None:
             if not gpt2:
                 raise
             print("convert_gguf: pre-tokenizer hash not in the converter's list; tokenizer.json is "
-                  "ByteLevel(use_regex=True) = GPT-2's split: writing tokenizer.ggml.pre = 'gpt2'", file=sys.stderr)
-            return "gpt2"
+                  "ByteLevel(use_regex=True) = GPT-2's split: writing tokenizer.ggml.pre = 'gpt-2'", file=sys.stderr)
+            return "gpt-2"  # llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2 (GPT-2's split regex)
 
     text_model.get_vocab_base_pre = vocab_base_pre
 
