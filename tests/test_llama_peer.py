@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from radixlm.bench import serving
-from radixlm.bench.client import llama_cpp_payload, request_llama_cpp
+from radixlm.bench.client import LlamaSlotPinner, llama_cpp_payload, request_llama_cpp
 from radixlm.bench.cpu_peers import harness
 from radixlm.bench.cpu_peers.convert_gguf import is_gpt2_byte_level
 from radixlm.bench.cpu_peers.llama_cpp import find_converter, find_llama_server
@@ -83,6 +83,19 @@ def test_exact_ids_are_recovered_unstreamed():
 
     res = asyncio.run(go())
     assert seen == [True, False] and res.success and res.output_ids == exact and res.output_len == 8
+
+
+def test_slot_pinner_keeps_sessions_on_their_slots():
+    pin = LlamaSlotPinner(3)
+    system = [7, 8, 9]
+    a, b = pin.pick(system + [1]), pin.pick(system + [2])
+    assert (a, b) == (0, 1)  # a new session takes an unused slot, not the other session's (same system prompt)
+    pin.done(a, system + [1, 50])
+    pin.done(b, system + [2, 60])
+    assert pin.pick(system + [2, 60, 3]) == 1 and pin.pick(system + [1, 50, 4]) == 0  # each extends its own
+    assert pin.pick(system + [5]) == 2 and pin.pick(system + [6]) == -1  # all busy/held: the server chooses
+    pin.done(0, None)  # ids unknown: the slot's content is forgotten
+    assert pin.pick(system + [1, 50, 4, 9]) == 0  # unused again
 
 
 def test_request_http_error_is_a_failed_result():

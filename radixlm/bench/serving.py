@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="BOOL", help="llama-cpp backend: recover the exact output ids a stream lost (tokens "
                                          "that ended mid-character) with an untimed unstreamed repeat; default: "
                                          "on for agent-multiturn, whose history is the answers' ids")
+    ap.add_argument("--llama-pin-slots", type=int, default=None, metavar="N",
+                    help="llama-cpp backend: pin sessions to N server slots (id_slot; the server's -np): a prompt "
+                         "extending a slot's cached sequence goes there, others to unused slots; 0 = the server "
+                         "chooses; default: 32 for agent-multiturn, else 0")
     ap.add_argument("--plot", default=None, help="PNG: TTFT/ITL CDFs (+ TTFT by turn depth); needs matplotlib")
     ap.add_argument("--disable-tqdm", action="store_true")
     ap.add_argument("--launch-server", action="store_true", help="start the server(s) here (needs --model-path)")
@@ -262,7 +266,7 @@ def per_worker_delta(before: Optional[Dict], after: Optional[Dict]) -> Optional[
 
 
 def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Callable:
-    from radixlm.bench.client import request_llama_cpp, request_native, request_openai
+    from radixlm.bench.client import LlamaSlotPinner, request_llama_cpp, request_native, request_openai
 
     extra = json.loads(args.extra_request_body) if args.extra_request_body else None
     as_text = None
@@ -288,8 +292,13 @@ def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Ca
         if exact_ids is None:  # multi-turn sessions send the answer's ids back as history
             exact_ids = args.dataset_name == "agent-multiturn"
 
+        n_slots = getattr(args, "llama_pin_slots", None)
+        if n_slots is None:
+            n_slots = 32 if args.dataset_name == "agent-multiturn" else 0
+        slots = LlamaSlotPinner(n_slots) if n_slots > 0 else None
+
         def send(prompt, n, t0):
-            return request_llama_cpp(client, base_url, prompt, n, t0, extra, exact_ids)
+            return request_llama_cpp(client, base_url, prompt, n, t0, extra, exact_ids, slots)
     else:
         def send(prompt, n, t0):
             return request_native(client, base_url, prompt, n, t0, extra, as_text)

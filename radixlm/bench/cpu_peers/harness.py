@@ -18,10 +18,14 @@ from radixlm.bench import serving
 DEFAULT_MODEL = "models/bench-llama-88m"
 # the 88M Llama of issue 18: make_tiny_model's `medium` llama (hidden 768, 12 layers, 12/4 heads) narrowed
 MODEL_OVERRIDES = {"vocab_size": 8000, "intermediate_size": 2048}
-# llama-server's configuration for prompt caching and concurrency: 32 slots (every request of `concurrent` and
-# every agent session keeps a slot and its cached prompt) over one unified KV cache; prompt caching is on per
-# request (`cache_prompt`), and the server's host-memory prompt cache (--cache-ram, default on) holds evicted ones.
-LLAMA_BEST_ARGS = "-np 32 --kv-unified -c 32768"
+# llama-server's configuration for prompt caching and concurrency: 32 slots (every request of `concurrent` in
+# flight at once; every agent session keeps its own slot: the llama-cpp backend pins sessions with `id_slot`)
+# over one unified KV cache; `--no-cache-idle-slots`: idle slots keep their KV (by default, with a unified cache,
+# they are moved to the host-memory prompt cache and cleared when a task starts, and a pinned slot then has
+# nothing cached); prompt caching per request (`cache_prompt`). Measured with 3 interleaved sessions: stock
+# settings reuse only the shared system prompt at every turn (the server's own slot choice hands a session to a
+# slot that another session filled); this configuration reuses each session's whole history.
+LLAMA_BEST_ARGS = "-np 32 --kv-unified --no-cache-idle-slots -c 32768"
 LLAMA_STOCK_ARGS = "-c 32768"
 
 
@@ -212,6 +216,7 @@ def run_server_tool(base_url: str, backend: str, specs: List[WorkloadSpec], quic
     for spec in specs:
         args = _bench_args(spec, quick, backend, seed)
         args.flush_cache = backend == "radixlm"
+        args.llama_exact_ids = spec.name in ("decode", "agent")  # the parity check; the agent's history
         wl = serving.build_workload(args, tokenizer)
         try:
             m, results = serving.run_against_server(args, base_url, wl, tokenizer, label=spec.name)
