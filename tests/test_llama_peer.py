@@ -166,3 +166,19 @@ def test_against_real_llama_server(model_factory, hf_reference_factory):
     want, _ = hf_reference_factory(src).greedy(prompt, n)
     k = next((i for i, t in enumerate(want) if t in (EOS_TOKEN_ID, IM_END_ID)), len(want))  # EOS is suppressed
     assert k >= 4 and first.output_ids[:k] == want[:k]
+
+
+def test_hf_sequential_prefix_reuse_by_hand(model_factory):
+    """The HF peer's hand-reused prefix: the same greedy tokens as recomputing every prompt, the prefix counted
+    as cached."""
+    from radixlm.bench import datasets as ds
+    from radixlm.bench import hf_peer
+
+    src = model_factory("llama")
+    reqs = ds.gen_shared_prefix(1, 3, 40, 8, 4, 500, seed=3)
+    model = hf_peer.load_model(src)
+    plain, _ = hf_peer.run_sequential(src, reqs, model=model)
+    reused, _ = hf_peer.run_sequential(src, reqs, model=model, reuse_prefix=True)
+    assert [r.output_ids for r in reused] == [r.output_ids for r in plain]
+    assert all(len(r.output_ids) == 4 and r.ttft > 0 for r in plain)
+    assert [r.cached_tokens for r in plain] == [0, 0, 0] and [r.cached_tokens for r in reused] == [42, 42, 42]
