@@ -139,6 +139,7 @@ def test_cpu_peers_table_and_ratios():
     assert "87.8M parameters" in md and "radixlm-fp32 agent: boom" in md
     with pytest.raises(SystemExit, match="unknown"):
         harness.main(["--tools", "nope"])
+    assert harness.llama_slots(harness.LLAMA_BEST_ARGS) == 32 and harness.llama_slots(harness.LLAMA_STOCK_ARGS) == 0
 
 
 def test_against_real_llama_server(model_factory, hf_reference_factory):

@@ -210,13 +210,24 @@ def _bench_args(spec: WorkloadSpec, quick: bool, backend: str, seed: int) -> arg
         "--backend", backend, "--disable-tqdm", "--seed", str(seed), "--warmup-requests", "1"])
 
 
+def llama_slots(llama_args: str) -> int:
+    """The -np/--parallel of llama-server flags (0 when not given: the server's default, left to the server)."""
+    a = shlex.split(llama_args)
+    for flag in ("-np", "--parallel"):
+        if flag in a and a.index(flag) + 1 < len(a):
+            return int(a[a.index(flag) + 1])
+    return 0
+
+
 def run_server_tool(base_url: str, backend: str, specs: List[WorkloadSpec], quick: bool, tokenizer, seed: int,
-                    log: Callable[[str], None]) -> Tuple[Dict[str, Dict], Dict[str, List[int]]]:
+                    log: Callable[[str], None], pin_slots: int = 0) -> Tuple[Dict[str, Dict], Dict[str, List[int]]]:
+    """`pin_slots`: llama-server slots the agent sessions are pinned to (0: the server chooses)."""
     out, first_ids = {}, {}
     for spec in specs:
         args = _bench_args(spec, quick, backend, seed)
         args.flush_cache = backend == "radixlm"
         args.llama_exact_ids = spec.name in ("decode", "agent")  # the parity check; the agent's history
+        args.llama_pin_slots = pin_slots if spec.name == "agent" else 0
         wl = serving.build_workload(args, tokenizer)
         try:
             m, results = serving.run_against_server(args, base_url, wl, tokenizer, label=spec.name)
@@ -356,7 +367,8 @@ def main(argv=None) -> int:
                 res, ids = run_hf_tool(model_path, specs, args.quick, tokenizer, args.seed, log)
             else:
                 with launch(tool, model_path, args.threads, args.llama_args, args.radixlm_args) as (url, backend):
-                    res, ids = run_server_tool(url, backend, specs, args.quick, tokenizer, args.seed, log)
+                    pin = 0 if tool.kind != "llama" or tool.stock else llama_slots(args.llama_args)
+                    res, ids = run_server_tool(url, backend, specs, args.quick, tokenizer, args.seed, log, pin)
         except (FileNotFoundError, RuntimeError, OSError) as e:
             log(f"  {name} not run: {e}")
             info["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
