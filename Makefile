@@ -13,7 +13,7 @@ DEMO_MODEL ?= $(DEMO_PAIR)/target
 DEMO_BUDGET ?= 600
 PORT ?= 30000
 
-.PHONY: setup lint test test-all serve serve-spec demo bench clean
+.PHONY: setup lint test test-all serve serve-spec demo bench clean peers-llama bench-cpu-peers
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,15 @@ demo: $(DEMO_MODEL)/config.json
 
 bench: $(DEMO_MODEL)/config.json
 	$(BIN)/python -m radixlm.bench_offline --model-path $(DEMO_MODEL)
+
+# llama.cpp's llama-server (CPU, native arch) from the llama-cpp-python sdist, cached under .peers/llama.cpp/:
+# the peer of `bench-cpu-peers` (slow on 2 cores; `make test` does not build it: its tests skip without it)
+peers-llama:
+	PY=$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bash scripts/build_llama_server.sh
+
+# radixlm vs llama.cpp vs HF transformers on this CPU (docs/benchmarks.md, "CPU: radixlm vs llama.cpp vs HF")
+bench-cpu-peers: peers-llama $(STAMP)
+	$(BIN)/python -m radixlm.bench.cpu_peers --output-md cpu_peers.md --output-json cpu_peers.json
 
 clean:
 	rm -rf $(VENV) models .pytest_cache

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import httpx
 
@@ -29,10 +29,14 @@ def _sse_payloads(line: str):
     return json.loads(data)
 
 
-async def _events(client: httpx.AsyncClient, url: str, payload: dict, res: RequestResult):
+CLOSE = {"Connection": "close"}
+
+
+async def _events(client: httpx.AsyncClient, url: str, payload: dict, res: RequestResult,
+                  headers: Optional[dict] = None):
     """Yields (arrival time, event) for each SSE event; an HTTP or in-stream error ends the stream
     with `res.error` set."""
-    async with client.stream("POST", url, json=payload) as resp:
+    async with client.stream("POST", url, json=payload, headers=headers) as resp:
         if resp.status_code != 200:
             res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             return
@@ -132,4 +136,106 @@ async def request_openai(client: httpx.AsyncClient, base_url: str, prompt_ids: L
         _finish(res, st, output_len)
     except Exception as e:  # noqa: BLE001
         res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def llama_cpp_payload(prompt_ids: List[int], output_len: int) -> dict:
+    """The body of llama.cpp `llama-server`'s native POST /completion for a token-id prompt: a token
+    array is taken as is (no BOS added); greedy (temperature 0); `ignore_eos` (the server biases
+    every end-of-generation token to -inf, as HF's min_new_tokens does); `cache_prompt` (reuse the
+    slot's KV for the common prefix); streamed, with the token ids of every chunk."""
+    return {"prompt": list(prompt_ids), "n_predict": output_len, "temperature": 0.0, "ignore_eos": True,
+            "cache_prompt": True, "stream": True, "return_tokens": True}
+
+
+class LlamaSlotPinner:
+    """Sticky llama-server slots for multi-turn sessions (what a llama.cpp deployment does with `id_slot`): a
+    prompt that extends the whole cached sequence (prompt + answer) of an idle slot goes to that slot; any other
+    prompt goes to a slot never used yet while there is one, else the server chooses. llama-server's own choice
+    (the idle slot sharing the longest prefix) sends a new session to another session's slot, which shares only
+    the system prompt, and overwrites that session's history there (interleaved sessions then reuse only the
+    system prompt)."""
+
+    def __init__(self, n_slots: int):
+        self.n_slots = n_slots
+        self.held: Dict[int, List[int]] = {}  # slot -> the token sequence its cache holds
+        self.busy: set = set()
+
+    def pick(self, prompt_ids: List[int]) -> int:
+        best, best_len = -1, 0
+        for slot, seq in self.held.items():
+            if slot not in self.busy and len(seq) > best_len and prompt_ids[:len(seq)] == seq:
+                best, best_len = slot, len(seq)
+        if best < 0:
+            best = next((i for i in range(self.n_slots) if i not in self.held and i not in self.busy), -1)
+        if best >= 0:
+            self.busy.add(best)
+        return best
+
+    def done(self, slot: int, seq: Optional[List[int]]) -> None:
+        if slot < 0:
+            return
+        self.busy.discard(slot)
+        if seq is None:
+            self.held.pop(slot, None)
+        else:
+            self.held[slot] = seq
+
+
+async def request_llama_cpp(client: httpx.AsyncClient, base_url: str, prompt_ids: List[int], output_len: int,
+                            t_origin: float, extra: Optional[dict] = None, exact_ids: bool = False,
+                            slots: Optional[LlamaSlotPinner] = None) -> RequestResult:
+    """One streamed /completion on llama-server. TTFT = first chunk with output; ITL = gaps between chunks,
+    spread over the tokens each brings (the chunk's `tokens_predicted` minus the last count); prompt and
+    reused-prefix counts from the final chunk (`tokens_evaluated`; `timings.cache_n`: `tokens_cached` is the
+    slot's whole cache, not the reuse).
+
+    llama-server streams a token only once its text is complete UTF-8, and then sends only that token's id: the
+    ids of tokens that ended mid-character are missing from the stream (their count is not). With `exact_ids`,
+    a stream that lost ids is followed, after the timings are taken, by the same request unstreamed (its prompt
+    is cached: only the decode is repeated) whose `tokens` are the exact ids: what a multi-turn workload needs to
+    send the model's own answer back as history. `slots`: pin the request to a slot (LlamaSlotPinner).
+    Each request closes its connection: llama-server drops kept-alive connections after a stream."""
+    payload = llama_cpp_payload(prompt_ids, output_len)
+    slot = slots.pick(prompt_ids) if slots is not None else -1
+    if slot >= 0:
+        payload["id_slot"] = slot
+    res, st = _start(payload, extra, prompt_ids, t_origin)
+    last = st
+    ids: List[int] = []
+    n_seen = 0
+    try:
+        async for now, d in _events(client, base_url + "/completion", payload, res, CLOSE):
+            n = d.get("tokens_predicted", n_seen + len(d.get("tokens") or []))
+            k = n - n_seen
+            if k > 0 and (d.get("tokens") or d.get("content") or not d.get("stop")):
+                if n_seen == 0:
+                    res.ttft = now - st
+                else:
+                    res.itl.extend([(now - last) / k] * k)
+                last = now
+                n_seen = n
+            ids.extend(d.get("tokens") or [])
+            if d.get("stop"):
+                n_seen = max(n_seen, n)
+                res.prompt_len = d.get("tokens_evaluated", res.prompt_len)
+                timings = d.get("timings") or {}
+                res.cached_tokens = timings.get("cache_n") or 0
+                if "prompt_ms" in timings and "predicted_ms" in timings:
+                    res.server_e2e = (timings["prompt_ms"] + timings["predicted_ms"]) / 1000
+        if res.error:
+            return res
+        res.output_len = n_seen
+        res.output_ids = ids
+        _finish(res, st, output_len)
+        if exact_ids and len(ids) != n_seen:
+            r = await client.post(base_url + "/completion", json={**payload, "stream": False}, headers=CLOSE)
+            r.raise_for_status()
+            res.output_ids = list(r.json()["tokens"])
+    except Exception as e:  # noqa: BLE001
+        res.error = f"{type(e).__name__}: {e}"
+        res.success = False
+    if slots is not None:
+        exact = res.success and len(res.output_ids) == res.output_len
+        slots.done(slot, list(prompt_ids) + res.output_ids if exact else None)
     return res

@@ -5,6 +5,8 @@
   `min_new_tokens = max_new_tokens` (the server runs with `ignore_eos`). A request's TTFT is the
   time from the start of the run to its batch's first generated token (earlier batches count:
   the request was waiting), its E2E the time to the end of its batch.
+* sequential (`run_sequential`): one request at a time, each timed from its own `generate` call; optionally
+  with the prompts' common prefix prefilled once and its KV cache copied into every call (reuse by hand).
 * agent-multiturn: one `generate` call per turn (batch of 1, no padding), the conversation history
   = previous prompt + HF's own answer, exactly as the server workload. Two ways to time it:
   - `served` (default): the sessions are concurrent clients of one HF worker that runs one call at
@@ -54,15 +56,29 @@ def load_model(model_path: str):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
-def _generate(model, ids_rows: List[List[int]], max_new: int, streamer=None):
+def _cache_kw() -> str:
+    """generate()'s name for a caller's KV cache: `cache` where transformers deprecates `past_key_values`."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    try:
+        return "cache" if 'deprecate_kwarg("past_key_values"' in inspect.getsource(GenerationMixin.generate) \
+            else "past_key_values"
+    except (OSError, TypeError):  # pragma: no cover - no source available
+        return "past_key_values"
+
+
+def _generate(model, ids_rows: List[List[int]], max_new: int, streamer=None, past_key_values=None):
     import torch
 
     width = max(len(p) for p in ids_rows)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in ids_rows])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids_rows])
+    kw = {} if past_key_values is None else {_cache_kw(): past_key_values}
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                             do_sample=False, pad_token_id=0, streamer=streamer)
+                             do_sample=False, pad_token_id=0, streamer=streamer, **kw)
     return out[:, width:].tolist()
 
 
@@ -106,6 +122,52 @@ def run_batched(model_path: str, reqs: List[BenchRequest], batch_size: Optional[
     return results, time.perf_counter() - t0
 
 
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return n
+
+
+def prefill_prefix(model, prefix: List[int]):
+    """The KV cache of `prefix` (a transformers Cache), computed once: what an HF user who reuses a shared
+    prompt prefix by hand passes (a copy of) to every generate call."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def run_sequential(model_path: str, reqs: List[BenchRequest], model=None, progress=None,
+                   reuse_prefix: bool = False) -> Tuple[List[RequestResult], float]:
+    """One request at a time (batch 1), each timed from its own `generate` call (no waiting): the HF side of a
+    sequential workload. `reuse_prefix`: the prompts' common prefix is prefilled once, before the clock starts,
+    and a deep copy of its KV cache is passed to every call (prefix reuse by hand; the copy is timed)."""
+    import copy
+
+    model = model or load_model(model_path)
+    warmup(model)
+    prefix_kv, n = None, 0
+    if reuse_prefix and len(reqs) > 1:
+        n = min(common_prefix_len([r.prompt_ids for r in reqs]), min(len(r.prompt_ids) for r in reqs) - 1)
+        if n > 0:
+            prefix_kv = prefill_prefix(model, reqs[0].prompt_ids[:n])
+    results: List[RequestResult] = []
+    t0 = time.perf_counter()
+    for r in reqs:
+        st = time.perf_counter()
+        kv = copy.deepcopy(prefix_kv) if prefix_kv is not None else None
+        out, first, end, itl = _timed_call(model, r.prompt_ids, r.output_len, kv)
+        results.append(RequestResult(success=True, prompt_len=len(r.prompt_ids), output_len=len(out),
+                                     ttft=first - st, itl=itl, latency=end - st, start_time=st - t0,
+                                     output_ids=out, cached_tokens=n if prefix_kv is not None else 0))
+        if progress is not None:
+            progress.update(1)
+    return results, time.perf_counter() - t0
+
+
 def _session_calls(sess: AgentSession) -> Iterator[Tuple[List[int], int, bool]]:
     """Yields (prompt, depth, is_retry) for every call of a session; send() it the call's output ids."""
     history = list(sess.system_ids)
@@ -119,10 +181,11 @@ def _session_calls(sess: AgentSession) -> Iterator[Tuple[List[int], int, bool]]:
         history = last
 
 
-def _timed_call(model, prompt: List[int], max_new: int) -> Tuple[List[int], float, float, List[float]]:
+def _timed_call(model, prompt: List[int], max_new: int, past_key_values=None
+                ) -> Tuple[List[int], float, float, List[float]]:
     """(output ids, first-token time, end time, inter-token gaps), times from perf_counter."""
     s = _as_streamer(_TimingStreamer())
-    out = _generate(model, [prompt], max_new, s)[0]
+    out = _generate(model, [prompt], max_new, s, past_key_values)[0]
     end = time.perf_counter()
     return out, (s.times[0] if s.times else end), end, [b - a for a, b in zip(s.times, s.times[1:])]
 

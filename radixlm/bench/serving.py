@@ -5,6 +5,9 @@ Against a running server:
     python -m radixlm.bench_serving --backend radixlm --base-url http://127.0.0.1:30000 \
         --dataset-name random --num-prompts 64 --random-input-len 256 --random-output-len 64
 
+A llama.cpp `llama-server` (bash scripts/build_llama_server.sh) with the same token-id prompts: `--backend llama-cpp
+--base-url ... --tokenizer MODEL_DIR` (radixlm vs llama.cpp vs HF in one run: python -m radixlm.bench.cpu_peers).
+
 Side by side, launching the servers itself (radix cache on, off) and running the same workload
 through HF transformers `generate` in this process, then printing the ratios:
 
@@ -44,6 +47,7 @@ from radixlm.bench.metrics import RequestResult, cache_delta, format_summary, su
 
 ROUTER_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # --dp-size N behind sglang-router
 SETTINGS = ("radix", "no-radix", "no-overlap", "overlap", "hf") + ROUTER_POLICIES
+BACKENDS = ("radixlm", "sglang", "openai", "llama-cpp")
 SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap": ["--disable-overlap-schedule"],
                  "overlap": ["--disable-overlap-schedule", "false"],  # (off by default on a CPU)
                  **{p: ["--router-policy", p] for p in ROUTER_POLICIES}}
@@ -52,8 +56,9 @@ SETTING_FLAGS = {"radix": [], "no-radix": ["--disable-radix-cache"], "no-overlap
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="radixlm serving benchmark",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--backend", choices=("radixlm", "sglang", "openai"), default="radixlm",
-                    help="radixlm/sglang: native /generate; openai: /v1/completions")
+    ap.add_argument("--backend", choices=BACKENDS, default="radixlm",
+                    help="radixlm/sglang: native /generate; openai: /v1/completions; llama-cpp: llama.cpp "
+                         "llama-server's native /completion (token-id prompt; needs --tokenizer)")
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
@@ -91,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--extra-request-body", default=None, help="JSON merged into every request")
     ap.add_argument("--output-file", default=None, help="append one JSON line per run")
     ap.add_argument("--output-details", action="store_true", help="include per-request results in --output-file")
+    ap.add_argument("--llama-exact-ids", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                    metavar="BOOL", help="llama-cpp backend: recover the exact output ids a stream lost (tokens "
+                                         "that ended mid-character) with an untimed unstreamed repeat; default: "
+                                         "on for agent-multiturn, whose history is the answers' ids")
+    ap.add_argument("--llama-pin-slots", type=int, default=None, metavar="N",
+                    help="llama-cpp backend: pin sessions to N server slots (id_slot; the server's -np): a prompt "
+                         "extending a slot's cached sequence goes there, others to unused slots; 0 = the server "
+                         "chooses; default: 32 for agent-multiturn, else 0")
     ap.add_argument("--plot", default=None, help="PNG: TTFT/ITL CDFs (+ TTFT by turn depth); needs matplotlib")
     ap.add_argument("--disable-tqdm", action="store_true")
     ap.add_argument("--launch-server", action="store_true", help="start the server(s) here (needs --model-path)")
@@ -254,7 +267,7 @@ def per_worker_delta(before: Optional[Dict], after: Optional[Dict]) -> Optional[
 
 
 def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Callable:
-    from radixlm.bench.client import request_native, request_openai
+    from radixlm.bench.client import LlamaSlotPinner, request_llama_cpp, request_native, request_openai
 
     extra = json.loads(args.extra_request_body) if args.extra_request_body else None
     as_text = None
@@ -273,6 +286,20 @@ def make_sender(args, base_url: str, tokenizer, client: httpx.AsyncClient) -> Ca
 
         def send(prompt, n, t0):
             return request_openai(client, base_url, prompt, n, t0, model, tok, extra, as_text)
+    elif args.backend == "llama-cpp":  # token ids only: llama-server would tokenize text with its own vocab
+        if as_text is not None:
+            raise SystemExit("--backend llama-cpp sends token ids; --send-text is not supported")
+        exact_ids = getattr(args, "llama_exact_ids", None)
+        if exact_ids is None:  # multi-turn sessions send the answer's ids back as history
+            exact_ids = args.dataset_name == "agent-multiturn"
+
+        n_slots = getattr(args, "llama_pin_slots", None)
+        if n_slots is None:
+            n_slots = 32 if args.dataset_name == "agent-multiturn" else 0
+        slots = LlamaSlotPinner(n_slots) if n_slots > 0 else None
+
+        def send(prompt, n, t0):
+            return request_llama_cpp(client, base_url, prompt, n, t0, extra, exact_ids, slots)
     else:
         def send(prompt, n, t0):
             return request_native(client, base_url, prompt, n, t0, extra, as_text)
