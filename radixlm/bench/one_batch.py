@@ -23,14 +23,18 @@ from typing import Dict, List
 @contextlib.contextmanager
 def reference_path(runner):
     """The decode step as it was before the CPU fast paths: eager (no compiled step) with SDPA decode
-    attention. The comparison runs each step on it too (`--compare-reference`)."""
+    attention and oneDNN for every matmul (no row-streaming gemv). The comparison runs each step on
+    it too (`--compare-reference`)."""
+    from radixlm.layers import cpu_gemv
+
     compiled, backend = runner.cpu_compile_runner, runner.attn_backend
     impl = getattr(backend, "decode_impl", None)
     runner.cpu_compile_runner = None
     if impl is not None:
         backend.decode_impl = "sdpa"
     try:
-        yield
+        with cpu_gemv.turned_off():
+            yield
     finally:
         runner.cpu_compile_runner = compiled
         if impl is not None:

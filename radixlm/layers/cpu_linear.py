@@ -5,7 +5,9 @@ Owns the CPU fast path of every `x @ W^T (+ b)` in the model (q/k/v, o, gate/up,
 (`torch.ops.mkldnn._reorder_linear_weight`); the layers then call `packed_linear`, which runs
 oneDNN on the packed weight instead of re-laying it out in every call. On the 2-core bench
 machine a decode-sized matmul (64 x 768 -> 6144, float32) took 3.1 ms instead of 5.5 ms with
-`F.linear`, a prefill-sized one (8192 rows) 419 instead of 467 ms. Same float32 arithmetic, other
+`F.linear`, a prefill-sized one (8192 rows) 419 instead of 467 ms. Calls of at most
+`cpu_gemv.MAX_ROWS` rows (batch-1/2 decode) go instead to the row-streaming kernel of
+layers/cpu_gemv.py on the plain weight, which `prepack_model` builds and loads. Same float32 arithmetic, other
 summation order (differences ~1e-6). The reference is `F.linear` on the unpacked weight, which
 stays in place (loading, tied embeddings and tests use it); `RADIXLM_DISABLE_CPU_PREPACK=1`
 turns the fast path off. A no-op off the CPU, without oneDNN, or for dtypes other than
@@ -26,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from radixlm.layers import cpu_gemv
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +91,14 @@ def _(x: torch.Tensor, key: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            packed: Optional[torch.Tensor], key: Optional[int] = None) -> torch.Tensor:
     """The layers' matmul: the packed fast path when prepared and `x` matches it, else F.linear.
-    `key`: the packed weight's `register_packed` key (the compiled step's float32 path)."""
+    `key`: the packed weight's `register_packed` key (the compiled step's float32 path).
+    A few rows (batch-1/2 decode) go to the row-streaming kernel of layers/cpu_gemv.py when
+    `prepack_model` loaded it."""
+    if (packed is not None and x.dim() == 2 and x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.ready()
+            and cpu_gemv.supports(x, weight, bias)):
+        if torch.compiler.is_compiling():
+            return cpu_gemv.cpu_gemv_op(x, weight, bias)
+        return cpu_gemv.gemv(x, weight, bias)
     if torch.compiler.is_compiling():
         if (key is not None and packed is not None and x.dtype == torch.float32 == packed.dtype
                 and x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= COMPILED_PACKED_MIN_ROWS):
@@ -103,6 +114,8 @@ def prepack_model(model: nn.Module) -> int:
     vocab_embedding.py); returns how many. Call once the weights are loaded."""
     if not prepack_available():
         return 0
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        cpu_gemv.load()  # built here, at load time, never inside a serving step
     n = 0
     for module in model.modules():
         if hasattr(module, "cpu_packed_weight"):
