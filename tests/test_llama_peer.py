@@ -183,3 +183,11 @@ def test_hf_sequential_prefix_reuse_by_hand(model_factory):
     assert [r.output_ids for r in reused] == [r.output_ids for r in plain]
     assert all(len(r.output_ids) == 4 and r.ttft > 0 for r in plain)
     assert [r.cached_tokens for r in plain] == [0, 0, 0] and [r.cached_tokens for r in reused] == [42, 42, 42]
+
+
+def test_radixlm_env_parses_and_rejects_bare_words():
+    assert harness.parse_env("OMP_WAIT_POLICY= GOMP_SPINCOUNT=2000") == {"OMP_WAIT_POLICY": "",
+                                                                         "GOMP_SPINCOUNT": "2000"}
+    assert harness.parse_env("") == {}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        harness.parse_env("GOMP_SPINCOUNT")

@@ -285,8 +285,20 @@ def _env(**kv):
                 os.environ[k] = v
 
 
+def parse_env(spec: str) -> Dict[str, str]:
+    """`"A=1 B="` -> {"A": "1", "B": ""} (the --radixlm-env value)."""
+    out = {}
+    for item in shlex.split(spec):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--radixlm-env: {item!r} is not NAME=VALUE")
+        out[key] = value
+    return out
+
+
 @contextlib.contextmanager
-def launch(tool: Tool, model_path: str, threads: int, llama_args: str, radixlm_args: str):
+def launch(tool: Tool, model_path: str, threads: int, llama_args: str, radixlm_args: str,
+           radixlm_env: Optional[Dict[str, str]] = None):
     """Starts the tool's server; yields (base_url, backend)."""
     if tool.kind == "llama":
         from radixlm.bench.cpu_peers.llama_cpp import LlamaServerProcess, ensure_gguf
@@ -303,7 +315,7 @@ def launch(tool: Tool, model_path: str, threads: int, llama_args: str, radixlm_a
     else:
         from radixlm.bench.launcher import ServerProcess
 
-        with _env(OMP_NUM_THREADS=threads), \
+        with _env(OMP_NUM_THREADS=threads, **(radixlm_env or {})), \
                 ServerProcess(model_path, ["--dtype", tool.dtype, *shlex.split(radixlm_args)], timeout=300.0) as srv:
             yield srv.base_url, "radixlm"
 
@@ -328,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--llama-args", default=LLAMA_BEST_ARGS, help="llama-server flags of the llama-f32/f16 tools")
     ap.add_argument("--radixlm-args", default="", help="extra launch_server flags of the radixlm tools")
+    ap.add_argument("--radixlm-env", default="",
+                    help="environment of the radixlm servers only, e.g. 'OMP_WAIT_POLICY= GOMP_SPINCOUNT=2000' "
+                         "(OpenMP threads poll briefly before sleeping, as llama-server's do)")
     ap.add_argument("--output-md", default=None, help="write the markdown table here")
     ap.add_argument("--output-json", default=None, help="write every figure here")
     return ap
@@ -355,6 +370,7 @@ def main(argv=None) -> int:
         "python -m radixlm.bench.cpu_peers", *(argv if argv is not None else sys.argv[1:])]),
         "model_path": model_path, "params": count_params(model_path), "threads": args.threads,
         "quick": args.quick, "tools": tools, "workloads": wls, "llama_args": args.llama_args,
+        "radixlm_args": args.radixlm_args, "radixlm_env": args.radixlm_env,
         "nproc": os.cpu_count(), "results": {}, "per_tool": {}}
     first_ids: Dict[str, List[int]] = {}
     for name in tools:
@@ -366,7 +382,8 @@ def main(argv=None) -> int:
             if tool.kind == "hf":
                 res, ids = run_hf_tool(model_path, specs, args.quick, tokenizer, args.seed, log)
             else:
-                with launch(tool, model_path, args.threads, args.llama_args, args.radixlm_args) as (url, backend):
+                with launch(tool, model_path, args.threads, args.llama_args, args.radixlm_args,
+                            parse_env(args.radixlm_env)) as (url, backend):
                     pin = 0 if tool.kind != "llama" or tool.stock else llama_slots(args.llama_args)
                     res, ids = run_server_tool(url, backend, specs, args.quick, tokenizer, args.seed, log, pin)
         except (FileNotFoundError, RuntimeError, OSError) as e:
