@@ -120,3 +120,11 @@ def test_failed_build_leaves_onednn(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_gemv, "_load_failed", False)
     monkeypatch.setenv(cpu_gemv.ENV_DISABLE, "1")
     assert cpu_gemv.load() is None
+
+
+def test_linears_bench_times_every_implementation(model_factory, capsys):
+    from radixlm.bench import cpu_linears
+
+    assert cpu_linears.main(["--model-path", model_factory("llama"), "--rows", "1", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rows ") == 2 and out.count("gemv") == 2 and "F.linear" in out
