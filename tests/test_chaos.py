@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from radixlm.bench import chaos
-from radixlm.bench.chaos import ChaosConfig, Outcome
+from radixlm.bench import chaos, chaos_report
+from radixlm.bench.chaos import ChaosConfig
+from radixlm.bench.chaos_report import Outcome
 from radixlm.entrypoints import dp_launcher
 
 
@@ -21,30 +22,30 @@ def _outs():
 
 
 def test_phase_stats_counts_and_percentiles():
-    s = chaos.phase_stats(_outs(), dropped=2)
+    s = chaos_report.phase_stats(_outs(), dropped=2)
     assert (s["sent"], s["ok"], s["5xx"], s["conn"], s["timeout"], s["dropped_by_client"]) == (23, 21, 1, 1, 0, 2)
     assert s["success"] == round(21 / 23, 4) and s["p50_s"] == 0.2 and s["p99_s"] == 0.3
 
 
 def test_seconds_to_95_and_error_timing():
-    series = chaos.bins(_outs(), 16.0)
+    series = chaos_report.bins(_outs(), 16.0)
     assert series[10]["success"] == pytest.approx(0.5) and series[9]["success"] == 0.5  # the 9.9 s send failed
-    assert chaos.seconds_to_success(series, 10.0, 1.0) == 1.0  # bin [10, 11) is the last under 95%
-    assert chaos.seconds_to_success(chaos.bins(_outs()[:10], 10.0), 10.0, 1.0) == 0.0
-    t = chaos.error_timing(_outs(), 10.0, 5.0)
+    assert chaos_report.seconds_to_success(series, 10.0, 1.0) == 1.0  # bin [10, 11) is the last under 95%
+    assert chaos_report.seconds_to_success(chaos_report.bins(_outs()[:10], 10.0), 10.0, 1.0) == 0.0
+    t = chaos_report.error_timing(_outs(), 10.0, 5.0)
     assert t == {"errors": 2, "first_after_kill_s": 0.2, "last_after_kill_s": 0.9, "before_kill": 0,
                  "later_than_window": 0}
-    assert chaos.error_timing(_outs(), 10.5, 5.0)["before_kill"] == 1
+    assert chaos_report.error_timing(_outs(), 10.5, 5.0)["before_kill"] == 1
 
 
 def test_router_breaker_metrics_and_log_parse():
     metrics = ('smg_worker_cb_transitions_total{worker="http://a:1",from="closed",to="open"} 2\n'
                'smg_worker_cb_transitions_total{worker="http://a:1",from="half_open",to="open"} 1\n'
                'smg_worker_cb_transitions_total{worker="http://b:2",from="open",to="half_open"} 1\n')
-    assert chaos.breaker_openings(metrics) == {"http://a:1": 3}
+    assert chaos_report.breaker_openings(metrics) == {"http://a:1": 3}
     log = ("\x1b[2m2026-12-05 05:02:21\x1b[0m WARN smg: HTTP health check failed for http://a:1/health\n"
            "2026-12-05 05:02:22 INFO smg: started processing request\n")
-    ev = chaos.router_log_events(log, ["http://a:1", "http://b:2"])
+    ev = chaos_report.router_log_events(log, ["http://a:1", "http://b:2"])
     assert ev["lines_per_worker"] == {"http://a:1": 1, "http://b:2": 0} and len(ev["samples"]) == 1
 
 
@@ -75,7 +76,7 @@ def test_worker_killed_under_load_costs_only_its_requests(qwen2_path, tmp_path):
                       probe_secs=2, probe_concurrency=4, load_fraction=0.3, max_tokens=4, system_words=60,
                       restart_timeout=40, client_timeout=20, launch_timeout=90)
     report = chaos.run_chaos(cfg)
-    print(chaos.markdown(report))
+    print(chaos_report.markdown(report))
     ph = report["phases"]
     assert ph["steady"]["sent"] > 0 and ph["degraded"]["sent"] > 0 and ph["recovery"]["sent"] > 0
     assert ph["steady"]["success"] >= 0.99 and ph["recovery"]["success"] >= 0.99, ph
@@ -85,7 +86,7 @@ def test_worker_killed_under_load_costs_only_its_requests(qwen2_path, tmp_path):
     assert report["survivors_marked_unhealthy_or_removed"] == [], report["router_worker_changes"]
     assert report["restart"]["serving_s"] is not None  # the relaunched worker serves again
     assert all(w["idle"] for w in report["kv_at_end"].values()), report["kv_at_end"]
-    (tmp_path / "chaos.svg").write_text(chaos.svg_plot(report, "ci"))
+    (tmp_path / "chaos.svg").write_text(chaos_report.svg_plot(report, "ci"))
     assert "<polyline" in (tmp_path / "chaos.svg").read_text()
 
 
